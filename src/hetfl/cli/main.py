@@ -1,0 +1,40 @@
+"""`hetfl` command line: one short module per subcommand; this file only dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hetfl.errors import HetflError
+
+SUBCOMMANDS = ("run", "compare", "report", "validate", "list", "export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="hetfl", description="Federated fine-tuning on heterogeneous edge devices, "
+                                     "with every byte, FLOP, simulated second and joule counted.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"hetfl.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HetflError as e:
+        print(f"hetfl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hetfl: interrupted (resume with --resume DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

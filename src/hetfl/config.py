@@ -1,0 +1,402 @@
+"""YAML in, frozen typed dataclasses out.
+
+Every key is checked against the dataclass that owns it: unknown keys, wrong types and
+impossible values raise `ConfigError` naming the dotted key path, before any model loads.
+Defaults live in the dataclasses only. The `method` section is typed by the method's own
+config class, looked up in the registry by `method.name`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping
+
+import yaml
+
+from hetfl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny-llama"  # shipped name or a local Hugging Face folder
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "synth-instruct"  # or a local Alpaca/Dolly .json/.jsonl file
+    samples_per_family: int = 40  # synth-instruct: training examples generated per family
+    eval_samples: int = 48  # held-out examples for global evaluation
+    client_test_fraction: float = 0.0  # share of each client's data kept for per-client eval
+    eval_categories: tuple[str, ...] = ()  # local files: categories held out for evaluation
+    partition: Literal["iid", "dirichlet", "pathological", "task-per-client"] = "dirichlet"
+    alpha: float = 0.5
+    k: int = 2
+    max_len: int = 96
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.samples_per_family < 1:
+            yield "samples_per_family", "must be >= 1"
+        if self.eval_samples < 1:
+            yield "eval_samples", "must be >= 1"
+        if not 0.0 <= self.client_test_fraction < 1.0:
+            yield "client_test_fraction", "must be in [0, 1)"
+        if self.alpha <= 0:
+            yield "alpha", "must be > 0"
+        if self.k < 1:
+            yield "k", "must be >= 1"
+        if self.max_len < 16:
+            yield "max_len", "must be >= 16"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    regex: str | None = None
+    exclude: tuple[str, ...] = ()
+    dropout: float = 0.0
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.rank < 1:
+            yield "rank", "must be >= 1"
+        if self.alpha <= 0:
+            yield "alpha", "must be > 0"
+        if not 0.0 <= self.dropout < 1.0:
+            yield "dropout", "must be in [0, 1)"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    local_steps: int = 10
+    batch_size: int = 8
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.lr <= 0:
+            yield "lr", "must be > 0"
+        if not 0.0 <= self.momentum < 1.0:
+            yield "momentum", "must be in [0, 1)"
+        if self.weight_decay < 0:
+            yield "weight_decay", "must be >= 0"
+        if self.local_steps < 1:
+            yield "local_steps", "must be >= 1"
+        if self.batch_size < 1:
+            yield "batch_size", "must be >= 1"
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    num_clients: int = 20
+    clients_per_round: int = 5
+    # Share of clients per device tier (normalised); tiers come from system/devices.yaml.
+    tiers: dict[str, float] = field(
+        default_factory=lambda: {"phone-low": 0.3, "phone-mid": 0.3, "phone-high": 0.2, "laptop": 0.2}
+    )
+    devices_file: str | None = None  # a user YAML of device tiers replacing the shipped ones
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.num_clients < 1:
+            yield "num_clients", "must be >= 1"
+        if self.clients_per_round < 1:
+            yield "clients_per_round", "must be >= 1"
+        elif self.clients_per_round > self.num_clients:
+            yield "clients_per_round", (
+                f"{self.clients_per_round} sampled clients per round but only "
+                f"{self.num_clients} clients (population.num_clients)"
+            )
+        if not self.tiers:
+            yield "tiers", "needs at least one device tier"
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    up: str = "fp32"  # codec for client -> server messages
+    down: str = "fp32"  # codec for server -> client messages
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1  # evaluate every N rounds (and always after the last)
+    max_new_tokens: int = 12
+    batch_size: int = 48
+    at_start: bool = True  # evaluate the untouched base model as round 0
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.every < 1:
+            yield "every", "must be >= 1"
+        if self.max_new_tokens < 1:
+            yield "max_new_tokens", "must be >= 1"
+        if self.batch_size < 1:
+            yield "batch_size", "must be >= 1"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config; each method registers a subclass with its own options."""
+
+    name: str = "fedit"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    description: str = ""
+    seed: int = 0
+    rounds: int = 10
+    checkpoint_every: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.rounds < 1:
+            yield "rounds", "must be >= 1"
+        if self.checkpoint_every < 1:
+            yield "checkpoint_every", "must be >= 1"
+        if self.seed < 0:
+            yield "seed", "must be >= 0"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return build(tp, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")  # a bug in hetfl, not user input
+
+
+def build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build the frozen dataclass `cls` from a raw mapping, checking every key and value.
+
+    Args:
+        cls: a dataclass type whose fields are annotated with supported types.
+        raw: the mapping (from YAML).
+        prefix: dotted key path of this section, used in error messages.
+
+    Returns:
+        An instance of `cls`.
+
+    Raises:
+        ConfigError: naming the dotted key of the first problem found.
+    """
+    dot = f"{prefix}." if prefix else ""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"{dot}{k}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.name == "method" and cls is Config:  # the default method, with its own typed options
+                kwargs["method"] = build_method_config({}, "method")
+            continue
+        if f.name == "method" and cls is Config:
+            kwargs[f.name] = build_method_config(raw[f.name], f"{dot}method")
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], f"{dot}{f.name}")
+    obj = cls(**kwargs)
+    for key, msg in getattr(obj, "check", lambda: ())():
+        raise ConfigError(f"{dot}{key}: {msg}")
+    return obj
+
+
+def build_method_config(raw: Any, key: str = "method") -> MethodConfig:
+    from hetfl.registry import METHODS  # late: methods register themselves on import
+
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{key}: expected a mapping with at least 'name'")
+    name = raw.get("name", MethodConfig.name)
+    spec = METHODS.get(name, f"{key}.name")
+    return build(spec.config_cls, raw, key)
+
+
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """Set `raw[a][b][c] = value` for `dotted = "a.b.c"`, creating sections as needed."""
+    parts = dotted.split(".")
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {dotted}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `--set key.path=value`; the value is read as YAML (so 3 is an int, [a, b] a list)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.path=value")
+    key, _, val = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        return key, yaml.safe_load(val) if val.strip() else ""
+    except yaml.YAMLError:
+        return key, val
+
+
+def _drop_foreign_method_keys(raw: dict) -> None:
+    """After `--set method.name=X`, forget the preset's options that method X does not have."""
+    from hetfl.registry import METHODS
+
+    sec = raw.get("method")
+    if not isinstance(sec, dict) or "name" not in sec or sec["name"] not in METHODS.names():
+        return
+    known = {f.name for f in dataclasses.fields(METHODS.get(sec["name"]).config_cls)}
+    for k in [k for k in sec if k not in known]:
+        del sec[k]
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; errors name the file (and line for syntax errors)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of keys")
+    return raw
+
+
+def load_config(source: str | Path | Mapping, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Resolve a preset name, YAML path or raw mapping plus `--set` overrides into a Config.
+
+    Args:
+        source: a shipped preset name (see `hetfl list`), a YAML file path, or a mapping.
+        overrides: strings `key.path=value`.
+
+    Returns:
+        The validated, frozen Config.
+
+    Raises:
+        ConfigError: on any unknown key, wrong type or impossible value.
+    """
+    import copy
+
+    if isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    else:
+        raw = read_yaml(resolve_preset(str(source)))
+    method_swapped = False
+    for text in overrides:
+        key, val = parse_override(text)
+        set_dotted(raw, key, val)
+        method_swapped |= key == "method.name"
+    if method_swapped:
+        _drop_foreign_method_keys(raw)
+    return build(Config, raw)
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """Map a preset name to its shipped YAML; pass file paths through."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    shipped = preset_dir() / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(preset_names())
+    raise ConfigError(f"{name_or_path}: not a config file or a shipped preset (presets: {names})")
+
+
+def preset_dir() -> Path:
+    return Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config (tuples become lists) for YAML dumps."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()} if not isinstance(cfg, dict) else cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

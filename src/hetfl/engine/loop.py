@@ -1,0 +1,152 @@
+"""The round loop, written once: sample -> configure -> client_update -> aggregate -> evaluate
+-> checkpoint. It never knows which method runs; methods fill in the hooks of engine/api.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from hetfl.config import Config, dump_config
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, generator, weighted_mean
+from hetfl.engine.link import DOWN, UP, Ledger, Link
+from hetfl.engine.sim import SimulatedBackend
+from hetfl.errors import ConfigError
+from hetfl.system.memory import fits
+
+MIB = 2**20  # memory is reported in MiB, like the device profiles
+
+
+def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int) -> list[int]:
+    """Uniform sampling without replacement, seeded by (seed, round) only."""
+    perm = torch.randperm(num_clients, generator=generator(seed, rnd, "sample"))
+    return sorted(perm[:per_round].tolist())
+
+
+@dataclass
+class Totals:
+    """Cumulative counters carried across rounds (and checkpoints)."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    sim_time_s: float = 0.0
+    energy_j: float = 0.0
+    flops: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def plan_population(method, scenario) -> tuple[dict[int, dict], dict[int, int]]:
+    """Ask the method for each client's knobs and memory need; refuse clients that do not fit."""
+    knobs, mem = {}, {}
+    pop = scenario.population
+    for cid in range(len(pop)):
+        dev = pop.device(cid)
+        knobs[cid], mem[cid] = method.plan(cid, dev)
+        if not fits(mem[cid], dev):
+            raise ConfigError(
+                f"population.tiers: client {cid} (tier {pop.tiers[cid]}, {dev.mem_mb:g} MiB) needs an estimated "
+                f"{mem[cid] / MIB:.1f} MiB to train; use a smaller model, rank or batch size, or remove the tier"
+            )
+    return knobs, mem
+
+
+def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None] | None = None,
+               resume: bool = False, order: str = "sorted") -> list[dict[str, Any]]:
+    """Run a whole federated training and return the per-round metrics.
+
+    Args:
+        scenario: the built scenario.
+        method: a Method instance for `scenario.cfg.method`.
+        rundir: a RunDir to write outputs and checkpoints to, or None (in-memory).
+        on_round: callback receiving each round's metrics (progress display).
+        resume: continue from `rundir`'s last checkpoint.
+        order: client execution order in the simulator (results do not depend on it).
+    """
+    from hetfl.system.cost import client_cost, round_time
+
+    cfg: Config = scenario.cfg
+    ledger = Ledger()
+    link = Link(cfg.comm.up, cfg.comm.down, ledger, cfg.seed)
+    backend = SimulatedBackend(scenario, method, link, order=order)
+    state = method.setup(scenario)
+    knobs, mem = plan_population(method, scenario)
+    totals, history, start = Totals(), [], 1
+
+    if resume:
+        ck = rundir.load_checkpoint()
+        state, backend.client_states, totals, start = ck["state"], ck["client_states"], ck["totals"], ck["round"] + 1
+        history = [r for r in _read_history(rundir)]
+    else:
+        if rundir is not None:
+            rundir.write_config(dump_config(cfg))
+        if cfg.eval.at_start:
+            m = {"round": 0, **_zero_round(totals), **scenario.task.evaluate(method.eval_model(state))}
+            _emit(m, [], rundir, history, on_round)
+
+    for rnd in range(start, cfg.rounds + 1):
+        cids = sample_clients(cfg.seed, rnd, scenario.num_clients, cfg.population.clients_per_round)
+        down = method.configure(state, rnd, cids)
+        replies, ctxs = backend.run_round(rnd, down, knobs, mem)
+        state = method.aggregate(state, rnd, replies)
+
+        rows, costs = [], []
+        for cid in cids:
+            ctx, up, dn = ctxs[cid], ledger.bytes(rnd=rnd, cid=cid, direction=UP), ledger.bytes(rnd=rnd, cid=cid, direction=DOWN)
+            c = client_cost(ctx.device, ctx.flops, up, dn)
+            costs.append(c)
+            rows.append({
+                "round": rnd, "client": cid, "tier": scenario.population.tiers[cid], "rank": ctx.knobs.get("rank", ""),
+                "num_examples": replies[cid].meta.get(NUM_EXAMPLES, 0),
+                "train_loss": round(float(replies[cid].meta.get(TRAIN_LOSS, float("nan"))), 6),
+                "bytes_up": up, "bytes_down": dn, "flops": int(ctx.flops), "t_comp_s": c.t_comp, "t_up_s": c.t_up,
+                "t_down_s": c.t_down, "sim_time_s": c.time_s, "energy_j": c.energy_j, "mem_mb": round(ctx.mem_bytes / MIB, 3),
+            })
+        up_r, dn_r = ledger.bytes(rnd=rnd, direction=UP), ledger.bytes(rnd=rnd, direction=DOWN)
+        totals.bytes_up += up_r
+        totals.bytes_down += dn_r
+        totals.sim_time_s += round_time(costs)
+        totals.energy_j += sum(c.energy_j for c in costs)
+        totals.flops += sum(ctxs[c].flops for c in cids)
+        losses = {c: float(r.meta.get(TRAIN_LOSS, float("nan"))) for c, r in replies.items()}
+        weights = {c: float(r.meta.get(NUM_EXAMPLES, 1)) for c, r in replies.items()}
+        m = {
+            "round": rnd, "train_loss": weighted_mean(losses, weights),
+            "bytes_up": up_r, "bytes_down": dn_r,
+            "bytes_up_total": totals.bytes_up, "bytes_down_total": totals.bytes_down,
+            "round_time_s": round_time(costs), "sim_time_s": totals.sim_time_s,
+            "round_energy_j": sum(c.energy_j for c in costs), "energy_j": totals.energy_j,
+            "client_flops": sum(ctxs[c].flops for c in cids), "flops_total": totals.flops,
+            "client_mem_peak_mb": max(ctxs[c].mem_bytes for c in cids) / MIB,
+            "bytes_by_kind": {f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())},
+        }
+        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+            m.update(scenario.task.evaluate(method.eval_model(state)))
+        ledger.drop_round(rnd)
+        link.reset_round(rnd)
+        _emit(m, rows, rundir, history, on_round)
+        if rundir is not None and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
+            rundir.save_checkpoint({"round": rnd, "state": state, "client_states": backend.client_states,
+                                    "totals": totals})
+    if rundir is not None and hasattr(method, "export"):
+        method.export(state, rundir.path)
+    return history
+
+
+def _zero_round(t: Totals) -> dict[str, Any]:
+    return {"bytes_up": 0, "bytes_down": 0, "bytes_up_total": t.bytes_up, "bytes_down_total": t.bytes_down,
+            "sim_time_s": t.sim_time_s, "energy_j": t.energy_j, "flops_total": t.flops}
+
+
+def _emit(m, rows, rundir, history, on_round) -> None:
+    history.append(m)
+    if rundir is not None:
+        rundir.log_round(m, rows)
+    if on_round is not None:
+        on_round(m)
+
+
+def _read_history(rundir) -> list[dict]:
+    from hetfl.track.rundir import read_metrics
+
+    return read_metrics(rundir.metrics_path)

@@ -1,0 +1,13 @@
+"""User-facing error types. The CLI prints these as one line and exits with code 2."""
+
+
+class HetflError(Exception):
+    """Base class for errors caused by user input (config, data files, CLI arguments)."""
+
+
+class ConfigError(HetflError):
+    """A config key is unknown, mistyped or has an impossible value. The message names the key."""
+
+
+class DataError(HetflError):
+    """A data file is missing or malformed. The message names the file (and line where known)."""

@@ -1,0 +1,3 @@
+"""Built-in methods; importing this package registers them."""
+
+from hetfl.methods import fedavg_full, fedit  # noqa: F401

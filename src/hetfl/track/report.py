@@ -1,0 +1,101 @@
+"""report.md with plots: quality against round, cumulative bytes, simulated time and energy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from hetfl.track.rundir import read_metrics
+
+AXES = [  # (x key, x label, scale)
+    ("round", "round", 1.0),
+    ("mb_total", "cumulative MB (up + down)", 1.0),
+    ("sim_time_s", "simulated time (s)", 1.0),
+    ("energy_j", "client energy (J)", 1.0),
+]
+
+
+def primary_metric(history: Sequence[dict[str, Any]]) -> str | None:
+    """The quality metric to plot: Rouge-L or accuracy if present, else the first eval_* key."""
+    keys = [k for m in history for k in m if k.startswith("eval_")]
+    for k in ("eval_rougeL", "eval_accuracy", "eval_client_accuracy_mean", "eval_mse"):
+        if k in keys:
+            return k
+    return keys[0] if keys else None
+
+
+def _points(history, metric, xkey):
+    xs, ys = [], []
+    for m in history:
+        if metric in m:
+            x = (m.get("bytes_up_total", 0) + m.get("bytes_down_total", 0)) / 1e6 if xkey == "mb_total" else m.get(xkey, 0)
+            xs.append(x)
+            ys.append(m[metric])
+    return xs, ys
+
+
+def plot_runs(runs: Sequence[tuple[str, Sequence[dict]]], out_png: Path, title: str = "") -> str | None:
+    """Draw one 2x2 figure of quality vs round/bytes/time/energy for one or more runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = next((primary_metric(h) for _, h in runs if primary_metric(h)), None)
+    if metric is None:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (xkey, xlabel, _) in zip(axes.flat, AXES):
+        for label, h in runs:
+            xs, ys = _points(h, metric, xkey)
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric.removeprefix("eval_"))
+        if xkey == "mb_total" and any(_points(h, metric, xkey)[0] for _, h in runs):
+            ax.set_xscale("symlog", linthresh=0.1)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title or f"{metric.removeprefix('eval_')} against cost")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return metric
+
+
+def _table(history: Sequence[dict]) -> str:
+    cols = ["round", "train_loss"] + sorted({k for m in history for k in m if k.startswith("eval_")}) + [
+        "bytes_up_total", "bytes_down_total", "sim_time_s", "energy_j", "client_mem_peak_mb"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for m in history:
+        cells = []
+        for c in cols:
+            v = m.get(c, "")
+            if c.startswith("bytes"):
+                v = f"{v / 1e6:.3f} MB" if v != "" else ""
+            elif isinstance(v, float):
+                v = f"{v:.4g}"
+            cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write run_dir/report.md and run_dir/quality.png from its metrics.jsonl; return the report path."""
+    d = Path(run_dir)
+    history = read_metrics(d / "metrics.jsonl")
+    cfg_text = (d / "config.yaml").read_text() if (d / "config.yaml").exists() else ""
+    metric = plot_runs([(d.name, history)], d / "quality.png", title=d.name)
+    last = history[-1] if history else {}
+    kinds = last.get("bytes_by_kind", {})
+    parts = [f"# Run report: {d.name}", ""]
+    if metric:
+        parts += [f"Final {metric}: **{last.get(metric, float('nan')):.3f}** after round {last.get('round')}.", "",
+                  "![quality against cost](quality.png)", ""]
+    parts += ["## Per round", "", _table(history), ""]
+    if kinds:
+        parts += ["## Bytes by message kind (last round)", "", "```", json.dumps(kinds, indent=1), "```", ""]
+    parts += ["Per-client costs per round: `clients.csv`.", "", "## Config", "", "```yaml", cfg_text.rstrip(), "```", ""]
+    path = d / "report.md"
+    path.write_text("\n".join(parts))
+    return path
