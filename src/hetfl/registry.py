@@ -49,6 +49,8 @@ class MethodSpec:
 
 METHODS: Registry[MethodSpec] = Registry("method")
 CODECS: Registry[Callable[..., Any]] = Registry("codec")
+# data.name -> builder(cfg) -> hetfl.scenario.TaskData (model + task + training samples + labels)
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
 
 
 def register_method(name: str, config_cls: type, summary: str = "") -> Callable[[T], T]:
@@ -72,3 +74,4 @@ def _load_builtins() -> None:
     _loaded = True
     import hetfl.comm.codecs  # noqa: F401
     import hetfl.methods  # noqa: F401
+    import hetfl.tasks  # noqa: F401

@@ -81,7 +81,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         if rundir is not None:
             rundir.write_config(dump_config(cfg))
         if cfg.eval.at_start:
-            m = {"round": 0, **_zero_round(totals), **scenario.task.evaluate(method.eval_model(state))}
+            m = {"round": 0, **_zero_round(totals), **evaluate(scenario, method, state, backend.client_states)}
             _emit(m, [], rundir, history, on_round)
 
     for rnd in range(start, cfg.rounds + 1):
@@ -90,23 +90,25 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         replies, ctxs = backend.run_round(rnd, down, knobs, mem)
         state = method.aggregate(state, rnd, replies)
 
-        rows, costs = [], []
+        rows, costs = [], {}
         for cid in cids:
             ctx, up, dn = ctxs[cid], ledger.bytes(rnd=rnd, cid=cid, direction=UP), ledger.bytes(rnd=rnd, cid=cid, direction=DOWN)
-            c = client_cost(ctx.device, ctx.flops, up, dn)
-            costs.append(c)
+            c = costs[cid] = client_cost(ctx.device, ctx.flops, up, dn)
             rows.append({
-                "round": rnd, "client": cid, "tier": scenario.population.tiers[cid], "rank": ctx.knobs.get("rank", ""),
+                "round": rnd, "client": cid, "tier": scenario.population.tiers[cid],
+                "rank": replies[cid].meta.get("rank", ctx.knobs.get("rank", "")),
                 "num_examples": replies[cid].meta.get(NUM_EXAMPLES, 0),
                 "train_loss": round(float(replies[cid].meta.get(TRAIN_LOSS, float("nan"))), 6),
                 "bytes_up": up, "bytes_down": dn, "flops": int(ctx.flops), "t_comp_s": c.t_comp, "t_up_s": c.t_up,
                 "t_down_s": c.t_down, "sim_time_s": c.time_s, "energy_j": c.energy_j, "mem_mb": round(ctx.mem_bytes / MIB, 3),
             })
+        if hasattr(method, "observe"):  # e.g. adaptive per-client budgets from observed cost
+            method.observe(state, rnd, costs)
         up_r, dn_r = ledger.bytes(rnd=rnd, direction=UP), ledger.bytes(rnd=rnd, direction=DOWN)
         totals.bytes_up += up_r
         totals.bytes_down += dn_r
-        totals.sim_time_s += round_time(costs)
-        totals.energy_j += sum(c.energy_j for c in costs)
+        totals.sim_time_s += round_time(costs.values())
+        totals.energy_j += sum(c.energy_j for c in costs.values())
         totals.flops += sum(ctxs[c].flops for c in cids)
         losses = {c: float(r.meta.get(TRAIN_LOSS, float("nan"))) for c, r in replies.items()}
         weights = {c: float(r.meta.get(NUM_EXAMPLES, 1)) for c, r in replies.items()}
@@ -114,14 +116,16 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             "round": rnd, "train_loss": weighted_mean(losses, weights),
             "bytes_up": up_r, "bytes_down": dn_r,
             "bytes_up_total": totals.bytes_up, "bytes_down_total": totals.bytes_down,
-            "round_time_s": round_time(costs), "sim_time_s": totals.sim_time_s,
-            "round_energy_j": sum(c.energy_j for c in costs), "energy_j": totals.energy_j,
+            "round_time_s": round_time(costs.values()), "sim_time_s": totals.sim_time_s,
+            "round_energy_j": sum(c.energy_j for c in costs.values()), "energy_j": totals.energy_j,
             "client_flops": sum(ctxs[c].flops for c in cids), "flops_total": totals.flops,
             "client_mem_peak_mb": max(ctxs[c].mem_bytes for c in cids) / MIB,
             "bytes_by_kind": {f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())},
         }
+        if hasattr(method, "round_stats"):  # method-specific numbers (server FLOPs, chosen ranks, ...)
+            m.update(method.round_stats(state, rnd))
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-            m.update(scenario.task.evaluate(method.eval_model(state)))
+            m.update(evaluate(scenario, method, state, backend.client_states))
         ledger.drop_round(rnd)
         link.reset_round(rnd)
         _emit(m, rows, rundir, history, on_round)
@@ -131,6 +135,32 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
     if rundir is not None and hasattr(method, "export"):
         method.export(state, rundir.path)
     return history
+
+
+def evaluate(scenario, method, state, client_states: dict[int, dict]) -> dict[str, float]:
+    """Global evaluation on the server's held-out set, plus per-client evaluation on each
+    client's own test split when the scenario has them (run on the client; only the numbers
+    travel). Personalised methods provide `client_eval_model(state, cid, client_state)`."""
+    out = scenario.task.evaluate(method.eval_model(state))
+    tests = getattr(scenario, "client_test", None)
+    if not tests or not any(tests):
+        return out
+    per: dict[str, list[float]] = {}
+    for cid, samples in enumerate(tests):
+        if not samples:
+            continue
+        if hasattr(method, "client_eval_model"):
+            model = method.client_eval_model(state, cid, client_states.get(cid, {}))
+        else:
+            model = method.eval_model(state)
+        for k, v in scenario.task.evaluate(model, samples).items():
+            per.setdefault(k, []).append(v)
+    for k, vs in per.items():
+        t = torch.tensor(vs, dtype=torch.float64)
+        name = k.removeprefix("eval_")
+        out[f"eval_client_{name}_mean"] = float(t.mean())
+        out[f"eval_client_{name}_std"] = float(t.std(unbiased=False))
+    return out
 
 
 def _zero_round(t: Totals) -> dict[str, Any]:

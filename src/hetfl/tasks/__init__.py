@@ -1,0 +1,3 @@
+"""Tasks (what is learned and how it is scored); importing this package registers the datasets."""
+
+from hetfl.tasks import instruct  # noqa: F401

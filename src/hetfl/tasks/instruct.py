@@ -79,24 +79,98 @@ class InstructTask:
         return int(batch["input_ids"].numel())
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Rouge-L F1 and exact match of greedy answers, and response perplexity, on held-out tasks."""
+    def perplexity(self, model: torch.nn.Module, samples: Sequence[Sample]) -> float:
+        """Teacher-forced perplexity of the response tokens of `samples`."""
+        nll, ntok = 0.0, 0
+        for i in range(0, len(samples), self.eval_batch_size):
+            batch = self.collate(samples[i: i + self.eval_batch_size])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            nll += float(self.loss(model, batch)) * n
+            ntok += n
+        return math.exp(nll / max(1, ntok))
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, samples: Sequence[Sample] | None = None) -> dict[str, float]:
+        """Rouge-L F1 and exact match of greedy answers, and response perplexity, on held-out tasks.
+
+        With `samples` (a client's own test split), only their perplexity is computed.
+        """
         from hetfl.models.builders import generate_greedy
 
         was_training = model.training
         model.eval()
+        if samples is not None:
+            out = {"eval_ppl": self.perplexity(model, samples)}
+            model.train(was_training)
+            return out
         prompts = [prompt_of(e) for e in self.eval_examples]
         refs = [e.output for e in self.eval_examples]
         preds = generate_greedy(model, self.tokenizer, prompts, self.max_new_tokens, self.eval_batch_size)
-        nll, ntok = 0.0, 0
-        for i in range(0, len(self._eval_encoded), self.eval_batch_size):
-            batch = self.collate(self._eval_encoded[i: i + self.eval_batch_size])
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            nll += float(self.loss(model, batch)) * n
-            ntok += n
+        ppl = self.perplexity(model, self._eval_encoded)
         model.train(was_training)
         return {
             "eval_rougeL": 100.0 * mean_rouge_l(preds, refs),
             "eval_exact_match": 100.0 * sum(exact_match(p, r) for p, r in zip(preds, refs)) / max(1, len(refs)),
-            "eval_ppl": math.exp(nll / max(1, ntok)),
+            "eval_ppl": ppl,
         }
+
+
+def _instruction_examples(cfg) -> tuple[list[Example], list[Example]]:
+    """(train, held-out eval) examples for synth-instruct or a local instruction file."""
+    import numpy as np
+
+    from hetfl.data import instruct
+    from hetfl.engine.api import derive_seed
+    from hetfl.errors import ConfigError
+
+    d = cfg.data
+    if d.name == "synth-instruct":
+        train = instruct.make_synth_instruct(d.samples_per_family, derive_seed(cfg.seed, "data", "train"),
+                                             instruct.TRAIN_FAMILIES)
+        per_family = -(-d.eval_samples // len(instruct.HELDOUT_FAMILIES))
+        held = instruct.make_synth_instruct(per_family, derive_seed(cfg.seed, "data", "eval"),
+                                            instruct.HELDOUT_FAMILIES)
+        rng = np.random.default_rng(derive_seed(cfg.seed, "data", "eval-pick"))
+        return train, [held[i] for i in sorted(rng.permutation(len(held))[: d.eval_samples])]
+    rows = instruct.load_instruction_file(d.name)
+    if d.eval_categories:
+        missing = set(d.eval_categories) - {r.category for r in rows}
+        if missing:
+            raise ConfigError(f"data.eval_categories: {sorted(missing)} not found in {d.name}")
+        held = [r for r in rows if r.category in d.eval_categories][: d.eval_samples]
+        train = [r for r in rows if r.category not in d.eval_categories]
+    else:
+        rng = np.random.default_rng(derive_seed(cfg.seed, "data", "eval-pick"))
+        perm = rng.permutation(len(rows))
+        n_eval = min(d.eval_samples, max(1, len(rows) // 5))
+        held = [rows[i] for i in sorted(perm[:n_eval])]
+        train = [rows[i] for i in sorted(perm[n_eval:])]
+    if not train or not held:
+        raise ConfigError(f"data.name: {d.name} has too few rows for a train and an eval split")
+    return train, held
+
+
+def build_instruct(cfg):
+    """TaskData for instruction tuning a causal LM (synth-instruct or a local Alpaca/Dolly file)."""
+    import numpy as np
+
+    from hetfl.engine.api import derive_seed
+    from hetfl.models.builders import load_causal_lm
+    from hetfl.scenario import TaskData
+
+    train, held = _instruction_examples(cfg)
+    model, tok = load_causal_lm(cfg.model.name, seed=derive_seed(cfg.seed, "model-init") % 2**31)
+    task = InstructTask(tok, cfg.data.max_len, held, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    categories = sorted({e.category for e in train})
+    labels = np.array([categories.index(e.category) for e in train])
+    return TaskData(model, tok, task, task.encode(train), labels, categories)
+
+
+def _register() -> None:
+    from hetfl.registry import DATASETS
+
+    DATASETS.add("synth-instruct", build_instruct)
+    DATASETS.add("instruct-file", build_instruct)
+
+
+_register()

@@ -1,0 +1,146 @@
+"""The shipped tiny-llama, model loading by name/path, greedy generation, and pretraining reproducibility."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetfl.errors import ConfigError
+from hetfl.models.builders import TINY_LLAMA_DIR, generate_greedy, load_causal_lm
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "pretrain_lm.py"
+LOG = json.loads((TINY_LLAMA_DIR / "pretrain_log.json").read_text())
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("pretrain_lm", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.set_num_threads(1)
+    return load_causal_lm("tiny-llama")
+
+
+def test_shipped_assets_small_and_complete():
+    names = {p.name for p in TINY_LLAMA_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "pretrain_log.json"} <= names
+    assert sum(p.stat().st_size for p in TINY_LLAMA_DIR.iterdir()) < 20 * 2**20
+
+
+def test_shipped_model_architecture(shipped):
+    model, tok = shipped
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == LOG["n_params"] == 3_688_704
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= names  # LoRA targets
+    assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.padding_side) == ("<pad>", "<s>", "</s>", "left")
+    assert len(tok) == 2048
+    # Digits are single tokens.
+    ids = tok("x 2024", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids)[-4:] == ["2", "0", "2", "4"]
+
+
+def test_shipped_perplexity_far_below_random(shipped):
+    mod = _script()
+    model, tok = shipped
+    args = LOG["args"]
+    streams = [mod.encode_docs(tok, [d]) for d in mod.heldout_documents(args["seed"], args["gen_sentences"])]
+    ppl = mod.stream_ppl(model, streams, args["seq_len"], windows=8)
+    rnd, _ = load_causal_lm("tiny-llama-random", seed=0)
+    ppl_rnd = mod.stream_ppl(rnd, streams, args["seq_len"], windows=8)
+    # A random init is near uniform over 2048 tokens (ppl ~2000); the shipped model is recorded at
+    # ~20 on the full held-out slice. Loose bounds: pretraining must cut ppl by far more than 2x.
+    assert ppl_rnd > 1000
+    assert ppl < 0.05 * ppl_rnd
+    assert ppl < 60
+    assert LOG["heldout_ppl"]["final"] < 0.5 * LOG["heldout_ppl"]["random_init"]
+
+
+def test_random_variant_is_seeded_and_leaves_global_rng():
+    state = torch.random.get_rng_state()
+    a, _ = load_causal_lm("tiny-llama-random", seed=1)
+    b, _ = load_causal_lm("tiny-llama-random", seed=1)
+    c, _ = load_causal_lm("tiny-llama-random", seed=2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    wa, wb, wc = (m.model.layers[0].self_attn.q_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_local_folder_loads(tmp_path, shipped):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = shipped
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.pad_token = None  # the loader must supply one
+    try:
+        tok.save_pretrained(tmp_path)
+    finally:
+        tok.pad_token = "<pad>"
+    model, tok2 = load_causal_lm(str(tmp_path))
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.hidden_size == 16
+    assert tok2.pad_token == "</s>" and tok2.padding_side == "left"
+    out = generate_greedy(model, tok2, ["a", "bb cc"], max_new_tokens=3)
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+def test_unknown_name_is_config_error(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_causal_lm("gpt-17")
+    assert str(e.value) == ("model.name: unknown model 'gpt-17' (shipped: tiny-llama, tiny-llama-random; "
+                            "or a path to a local Hugging Face folder)")
+    with pytest.raises(ConfigError, match="cannot load a causal LM"):
+        load_causal_lm(str(tmp_path))  # an empty folder
+
+
+def test_generate_greedy_batched_equals_one_by_one(shipped):
+    model, tok = shipped
+    prompts = ["ROMEO:\n", "The numbers were 3, 8, 1. The largest was", "Spelled backwards, cat becomes"]
+    batched = generate_greedy(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    single = [generate_greedy(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(s, str) for s in batched)
+    # Manual greedy loop for the last prompt: the same text.
+    ids = tok(prompts[2], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            if nxt.item() == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    n_prompt = tok(prompts[2], return_tensors="pt")["input_ids"].shape[1]
+    assert tok.decode(ids[0, n_prompt:], skip_special_tokens=True).strip() == single[2]
+
+
+def test_pretraining_reproduces_shipped_losses(tmp_path):
+    """Rerun the first steps of scripts/pretrain_lm.py with the shipped args: the same losses."""
+    args = LOG["args"]
+    n = 4
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--max-steps", str(n)]
+    for k, v in args.items():
+        if k != "max_steps" and v is not None:
+            cmd += ["--" + k.replace("_", "-"), str(v)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    new = json.loads((tmp_path / "pretrain_log.json").read_text())
+    assert new["train_tokens"] == LOG["train_tokens"]
+    assert new["heldout_ppl"]["random_init"] == pytest.approx(LOG["heldout_ppl"]["random_init"], rel=1e-5)
+    assert len(new["loss"]) == n
+    assert new["loss"] == pytest.approx(LOG["loss"][:n], abs=1e-4)
+    # The tokenizer is rebuilt from scratch and must match the shipped one exactly.
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"] == \
+        json.loads((TINY_LLAMA_DIR / "tokenizer.json").read_text())["model"]
