@@ -167,3 +167,44 @@ def test_memory_refusal_names_client_and_tier(tmp_path):
                    "    tx_power_w: 0.1\n    cpu_hz: 1.0e+9\n    kappa: 1.0e-28\n")
     with pytest.raises(ConfigError, match=r"client 0 \(tier tiny"):
         run_toy(f"population.devices_file={dev}", "population.tiers={tiny: 1}")
+
+
+# ----------------------------------------------------------------------------- selection stage
+
+
+def test_random_selection_reports_exact_data_fraction():
+    h, sc, _ = run_toy("selection.name=random", "selection.ratio=0.5")
+    for m in h[1:]:
+        cids = sample_clients(3, m["round"], 6, 3)
+        sizes = [len(sc.client_data[c]) for c in cids]
+        kept = [max(1, round(0.5 * n)) for n in sizes]
+        assert m["coreset_size"] == sum(kept)
+        assert m["data_fraction"] == pytest.approx(sum(kept) / sum(sizes))
+        assert not any(k.startswith("up:selection") for k in m["bytes_by_kind"])  # random uploads nothing
+
+
+class KeepNothingForOdd:
+    """Uploads one number per client, and tells odd clients to keep nothing."""
+
+    def summarize(self, ctx):
+        return Message({"c": torch.tensor([float(ctx.cid)])}, kind="centroids")
+
+    def decide(self, rnd, summaries):
+        return {cid: Message({"keep": torch.tensor([cid % 2 == 0])}, kind="selection") for cid in summaries}
+
+    def apply(self, decision, ctx):
+        return list(range(len(ctx.data))) if bool(decision.tensors["keep"]) else []
+
+
+def test_selection_messages_cross_the_link_and_empty_coresets_skip(monkeypatch):
+    import hetfl.engine.loop as loop
+
+    monkeypatch.setattr(loop, "build_selector", lambda cfg: KeepNothingForOdd())
+    h, sc, _ = run_toy()
+    for m in h[1:]:
+        cids = sample_clients(3, m["round"], 6, 3)
+        even = [c for c in cids if c % 2 == 0]
+        assert m["bytes_by_kind"]["up:centroids"] == 4 * len(cids)
+        assert m["bytes_by_kind"]["down:selection"] == 1 * len(cids)  # one bool each
+        assert m["clients_trained"] == len(even)
+        assert m["bytes_by_kind"].get("up:update", 0) > 0 if even else "up:update" not in m["bytes_by_kind"]

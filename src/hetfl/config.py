@@ -146,6 +146,13 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class SelectionConfig:
+    """Base of every data-selection stage's config (`selection.name`); `none` trains on all data."""
+
+    name: str = "none"
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "run"
     description: str = ""
@@ -157,6 +164,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -258,12 +266,11 @@ def build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"{dot}{k}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            if f.name == "method" and cls is Config:  # the default method, with its own typed options
-                kwargs["method"] = build_method_config({}, "method")
+        if cls is Config and f.name in NAMED_SECTIONS:  # typed by the registered entry's own config class
+            kwargs[f.name] = build_named_section(f.name, raw.get(f.name, {}))
             continue
-        if f.name == "method" and cls is Config:
-            kwargs[f.name] = build_method_config(raw[f.name], f"{dot}method")
+        if f.name not in raw:
+            continue
         else:
             kwargs[f.name] = _coerce(raw[f.name], hints[f.name], f"{dot}{f.name}")
     obj = cls(**kwargs)
@@ -272,14 +279,22 @@ def build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     return obj
 
 
-def build_method_config(raw: Any, key: str = "method") -> MethodConfig:
-    from hetfl.registry import METHODS  # late: methods register themselves on import
+NAMED_SECTIONS = ("method", "selection")  # sections whose options depend on their `name`
 
+
+def _section_registry(section: str):
+    from hetfl import registry  # late: entries register themselves on import
+
+    return {"method": registry.METHODS, "selection": registry.SELECTORS}[section]
+
+
+def build_named_section(section: str, raw: Any) -> Any:
+    """Build `method:` or `selection:` with the config class registered under its `name`."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{key}: expected a mapping with at least 'name'")
-    name = raw.get("name", MethodConfig.name)
-    spec = METHODS.get(name, f"{key}.name")
-    return build(spec.config_cls, raw, key)
+        raise ConfigError(f"{section}: expected a mapping with at least 'name'")
+    default = {"method": MethodConfig.name, "selection": SelectionConfig.name}[section]
+    spec = _section_registry(section).get(raw.get("name", default), f"{section}.name")
+    return build(spec.config_cls, raw, section)
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -308,14 +323,13 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, val
 
 
-def _drop_foreign_method_keys(raw: dict) -> None:
-    """After `--set method.name=X`, forget the preset's options that method X does not have."""
-    from hetfl.registry import METHODS
-
-    sec = raw.get("method")
-    if not isinstance(sec, dict) or "name" not in sec or sec["name"] not in METHODS.names():
+def _drop_foreign_keys(raw: dict, section: str) -> None:
+    """After `--set method.name=X`, forget the preset's options that X does not have."""
+    reg = _section_registry(section)
+    sec = raw.get(section)
+    if not isinstance(sec, dict) or "name" not in sec or sec["name"] not in reg.names():
         return
-    known = {f.name for f in dataclasses.fields(METHODS.get(sec["name"]).config_cls)}
+    known = {f.name for f in dataclasses.fields(reg.get(sec["name"]).config_cls)}
     for k in [k for k in sec if k not in known]:
         del sec[k]
 
@@ -355,13 +369,14 @@ def load_config(source: str | Path | Mapping, overrides: tuple[str, ...] | list[
         raw = copy.deepcopy(dict(source))
     else:
         raw = read_yaml(resolve_preset(str(source)))
-    method_swapped = False
+    swapped = set()
     for text in overrides:
         key, val = parse_override(text)
         set_dotted(raw, key, val)
-        method_swapped |= key == "method.name"
-    if method_swapped:
-        _drop_foreign_method_keys(raw)
+        if key in ("method.name", "selection.name"):
+            swapped.add(key.split(".")[0])
+    for section in swapped:
+        _drop_foreign_keys(raw, section)
     return build(Config, raw)
 
 

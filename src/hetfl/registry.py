@@ -49,18 +49,28 @@ class MethodSpec:
 
 METHODS: Registry[MethodSpec] = Registry("method")
 CODECS: Registry[Callable[..., Any]] = Registry("codec")
+# selection.name -> MethodSpec-like entry whose factory builds a data-selection stage
+SELECTORS: Registry[MethodSpec] = Registry("selection stage")
 # data.name -> builder(cfg) -> hetfl.scenario.TaskData (model + task + training samples + labels)
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
 
 
-def register_method(name: str, config_cls: type, summary: str = "") -> Callable[[T], T]:
-    """Class decorator: `@register_method("fedit", FedITConfig, "...")`."""
-
+def _registrar(table: Registry[MethodSpec], name: str, config_cls: type, summary: str) -> Callable[[T], T]:
     def deco(impl: T) -> T:
-        METHODS.add(name, MethodSpec(name, config_cls, impl, summary or (impl.__doc__ or "").strip().split("\n")[0]))
+        table.add(name, MethodSpec(name, config_cls, impl, summary or (impl.__doc__ or "").strip().split("\n")[0]))
         return impl
 
     return deco
+
+
+def register_method(name: str, config_cls: type, summary: str = "") -> Callable[[T], T]:
+    """Class decorator: `@register_method("fedit", FedITConfig, "...")`; factory(cfg, method_cfg)."""
+    return _registrar(METHODS, name, config_cls, summary)
+
+
+def register_selector(name: str, config_cls: type, summary: str = "") -> Callable[[T], T]:
+    """Class decorator for data-selection stages; factory(cfg, selection_cfg)."""
+    return _registrar(SELECTORS, name, config_cls, summary)
 
 
 _loaded = False
@@ -74,4 +84,5 @@ def _load_builtins() -> None:
     _loaded = True
     import hetfl.comm.codecs  # noqa: F401
     import hetfl.methods  # noqa: F401
+    import hetfl.selection  # noqa: F401
     import hetfl.tasks  # noqa: F401

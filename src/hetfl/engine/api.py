@@ -86,6 +86,8 @@ class ClientContext:
     server: ServerHandle | None = None
     flops: float = 0.0  # FLOPs this client spent this round (filled by `compute`)
     mem_bytes: int = 0  # the method's estimate of this client's peak training memory
+    local_total: int = 0  # local samples before data selection (0: no selection ran)
+    selection_flops: float = 0.0  # part of `flops` spent by the selection stage
     _flop_cache: dict = field(default_factory=dict, repr=False)
 
     def generator(self, purpose: str) -> torch.Generator:
@@ -126,6 +128,9 @@ class Method(Protocol):
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]: ...
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message: ...
+
+    def load(self, msg: Message, ctx: ClientContext) -> None:
+        """Put the downloaded global model into `ctx.model` (used before data selection)."""
 
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState: ...
 

@@ -36,6 +36,13 @@ class Totals:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def build_selector(cfg: Config):
+    """The configured data-selection stage, or None for `selection.name: none`."""
+    from hetfl.registry import SELECTORS
+
+    return SELECTORS.get(cfg.selection.name, "selection.name").factory(cfg, cfg.selection)
+
+
 def plan_population(method, scenario) -> tuple[dict[int, dict], dict[int, int]]:
     """Ask the method for each client's knobs and memory need; refuse clients that do not fit."""
     knobs, mem = {}, {}
@@ -68,7 +75,8 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
     cfg: Config = scenario.cfg
     ledger = Ledger()
     link = Link(cfg.comm.up, cfg.comm.down, ledger, cfg.seed)
-    backend = SimulatedBackend(scenario, method, link, order=order)
+    selector = build_selector(cfg)
+    backend = SimulatedBackend(scenario, method, link, order=order, selector=selector)
     state = method.setup(scenario)
     knobs, mem = plan_population(method, scenario)
     totals, history, start = Totals(), [], 1
@@ -79,6 +87,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         history = [r for r in _read_history(rundir)]
     else:
         if rundir is not None:
+            rundir.open()
             rundir.write_config(dump_config(cfg))
         if cfg.eval.at_start:
             m = {"round": 0, **_zero_round(totals), **evaluate(scenario, method, state, backend.client_states)}
@@ -94,11 +103,12 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         for cid in cids:
             ctx, up, dn = ctxs[cid], ledger.bytes(rnd=rnd, cid=cid, direction=UP), ledger.bytes(rnd=rnd, cid=cid, direction=DOWN)
             c = costs[cid] = client_cost(ctx.device, ctx.flops, up, dn)
+            meta = replies[cid].meta if cid in replies else {}  # absent: skipped (empty coreset)
             rows.append({
                 "round": rnd, "client": cid, "tier": scenario.population.tiers[cid],
-                "rank": replies[cid].meta.get("rank", ctx.knobs.get("rank", "")),
-                "num_examples": replies[cid].meta.get(NUM_EXAMPLES, 0),
-                "train_loss": round(float(replies[cid].meta.get(TRAIN_LOSS, float("nan"))), 6),
+                "rank": meta.get("rank", ctx.knobs.get("rank", "")),
+                "num_examples": meta.get(NUM_EXAMPLES, 0),
+                "train_loss": round(float(meta.get(TRAIN_LOSS, float("nan"))), 6),
                 "bytes_up": up, "bytes_down": dn, "flops": int(ctx.flops), "t_comp_s": c.t_comp, "t_up_s": c.t_up,
                 "t_down_s": c.t_down, "sim_time_s": c.time_s, "energy_j": c.energy_j, "mem_mb": round(ctx.mem_bytes / MIB, 3),
             })
@@ -122,6 +132,12 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             "client_mem_peak_mb": max(ctxs[c].mem_bytes for c in cids) / MIB,
             "bytes_by_kind": {f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())},
         }
+        if selector is not None:
+            local = sum(ctxs[c].local_total for c in cids)
+            m["data_fraction"] = sum(len(ctxs[c].data) for c in cids) / local if local else 0.0
+            m["coreset_size"] = sum(len(ctxs[c].data) for c in cids)
+            m["selection_flops"] = sum(ctxs[c].selection_flops for c in cids)
+            m["clients_trained"] = len(replies)
         if hasattr(method, "round_stats"):  # method-specific numbers (server FLOPs, chosen ranks, ...)
             m.update(method.round_stats(state, rnd))
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:

@@ -25,23 +25,45 @@ class SimulatedBackend:
         order: client execution order; "sorted" by default. Any order gives identical results.
     """
 
-    def __init__(self, scenario, method, link: Link, order: Literal["sorted", "reverse"] = "sorted"):
+    def __init__(self, scenario, method, link: Link, order: Literal["sorted", "reverse"] = "sorted",
+                 selector=None):
         self.scenario, self.method, self.link, self.order = scenario, method, link, order
+        self.selector = selector  # optional data-selection stage (selection/base.py)
         self.client_states: dict[int, dict[str, Any]] = {}  # private per-client state (stateful methods)
         self.flop_cache: dict = {}  # FLOPs per (method, shape) key, measured once per worker
 
     def run_round(self, rnd: int, down: dict[int, Message], knobs: dict[int, dict],
                   mem: dict[int, int]) -> tuple[dict[int, Message], dict[int, ClientContext]]:
         cids = sorted(down, reverse=self.order == "reverse")
-        replies, ctxs = {}, {}
+        ctxs = {cid: self.context(rnd, cid, knobs[cid], mem[cid]) for cid in cids}
+        msgs = {cid: self.link.send(DOWN, rnd, cid, down[cid].kind or "model", down[cid]) for cid in cids}
+        if self.selector is not None:
+            self.select(rnd, cids, ctxs, msgs)
+        replies = {}
         for cid in cids:
-            ctx = self.context(rnd, cid, knobs[cid], mem[cid])
-            msg = self.link.send(DOWN, rnd, cid, down[cid].kind or "model", down[cid])
+            if not ctxs[cid].data:  # the selection kept nothing: this client skips training
+                continue
             torch.manual_seed(derive_seed(self.scenario.cfg.seed, rnd, cid, "torch"))  # dropout etc.
-            reply = self.method.client_update(msg, ctx)
+            reply = self.method.client_update(msgs[cid], ctxs[cid])
             replies[cid] = self.link.send(UP, rnd, cid, reply.kind or "update", reply)
-            ctxs[cid] = ctx
         return replies, ctxs
+
+    def select(self, rnd: int, cids: list[int], ctxs: dict[int, ClientContext], msgs: dict[int, Message]) -> None:
+        """Run the selection stage: summaries up, decisions down, each client's data cut to its coreset."""
+        summaries = {}
+        for cid in cids:
+            self.method.load(msgs[cid], ctxs[cid])  # the client holds the current global model
+            s = self.selector.summarize(ctxs[cid])
+            if s is not None:
+                summaries[cid] = self.link.send(UP, rnd, cid, s.kind or "selection", s)
+        decisions = self.selector.decide(rnd, summaries)
+        for cid in cids:
+            ctx, d = ctxs[cid], decisions.get(cid)
+            if d is not None:
+                d = self.link.send(DOWN, rnd, cid, d.kind or "selection", d)
+            keep = self.selector.apply(d, ctx)
+            ctx.local_total, ctx.selection_flops = len(ctx.data), ctx.flops
+            ctx.data = [ctx.data[i] for i in keep]
 
     def context(self, rnd: int, cid: int, knobs: dict, mem: int) -> ClientContext:
         sc = self.scenario

@@ -141,11 +141,14 @@ class ParamAveraging:
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
         return {cid: Message(dict(state["global"])) for cid in cids}
 
-    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
-        params = self.trainable(ctx.model)
+    def load(self, msg: Message, ctx: ClientContext) -> None:
         with torch.no_grad():
-            for k, p in params.items():
+            for k, p in self.trainable(ctx.model).items():
                 p.copy_(msg.tensors[k])
+
+    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
+        self.load(msg, ctx)
+        params = self.trainable(ctx.model)
         loss = local_train(ctx, list(params.values()), self.cfg, self.flop_tag(ctx))
         delta = {k: (p.detach() - msg.tensors[k]) for k, p in params.items()}
         return Message(delta, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss})
@@ -154,6 +157,8 @@ class ParamAveraging:
         return (type(self).__name__,)
 
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        if not replies:  # every sampled client skipped (e.g. empty coresets)
+            return state
         w = {cid: (m.meta[NUM_EXAMPLES] if self.mcfg.weighting == "examples" else 1.0) for cid, m in replies.items()}
         total = float(sum(w.values()))
         mean: dict[str, torch.Tensor] = {}

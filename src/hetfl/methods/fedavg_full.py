@@ -26,3 +26,9 @@ class FedAvgFull(ParamAveraging):
     def trainable(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         # named_parameters() lists a tied embedding/lm_head weight once, as it is one tensor.
         return dict(model.named_parameters())
+
+    def export(self, state, out_dir) -> None:
+        """Write the final full model to OUT/model (Hugging Face format when the model has one)."""
+        model = self.eval_model(state)
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(f"{out_dir}/model")

@@ -13,6 +13,16 @@ from hetfl.methods.common import AvgConfig, ParamAveraging
 from hetfl.registry import register_method
 
 
+def lora_and_dense(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA factors plus any parameters the model asks to train densely.
+
+    A model may list name prefixes in `hetfl_dense_prefixes` (e.g. a freshly initialised
+    classification head, `("classifier.",)`); those train in full and are averaged too.
+    """
+    dense = tuple(getattr(model, "hetfl_dense_prefixes", ()))
+    return {k: p for k, p in model.named_parameters() if "lora_" in k or (dense and k.startswith(dense))}
+
+
 @dataclass(frozen=True)
 class FedITConfig(AvgConfig):
     name: str = "fedit"
@@ -27,10 +37,19 @@ class FedIT(ParamAveraging):
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "lora-init"))
         inject_lora(model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, regex=lc.regex,
                     exclude=lc.exclude, dropout=lc.dropout, generator=g)
+        for p in self.trainable(model).values():
+            p.requires_grad_(True)
 
     def trainable(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        return {k: p for k, p in model.named_parameters() if "lora_" in k}
+        return lora_and_dense(model)
 
     def plan(self, cid, device):
         knobs, mem = super().plan(cid, device)
         return {"rank": self.cfg.lora.rank, **knobs}, mem
+
+    def export(self, state, out_dir) -> None:
+        """Write the final adapter to OUT/adapter in PEFT's format."""
+        from hetfl.models.lora import save_peft_adapter
+
+        save_peft_adapter(self.eval_model(state), f"{out_dir}/adapter", base_model_name_or_path=self.cfg.model.name,
+                          alpha=self.cfg.lora.alpha)

@@ -66,15 +66,22 @@ class RunDir:
     def __init__(self, path: str | Path, mode: str = "new", force: bool = False):
         self.path = Path(path)
         self.ckpt_dir = self.path / "checkpoints"
+        self.mode, self.force = mode, force
         if mode == "new":
-            if self.path.exists() and any(self.path.iterdir()):
-                if not force:
-                    raise ConfigError(f"--out {self.path}: already exists; use --force to replace it "
-                                      f"or --resume {self.path} to continue it")
-                shutil.rmtree(self.path)
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())) and not force:
+                raise ConfigError(f"--out {self.path}: already exists; use --force to replace it "
+                                  f"or --resume {self.path} to continue it")
         elif not (self.ckpt_dir / "last.pt").exists():
             raise ConfigError(f"--resume {self.path}: no checkpoint found (expected {self.ckpt_dir / 'last.pt'})")
+
+    def open(self) -> None:
+        """Create (or, with force, replace) the folder. Called only once the run is known to start,
+        so a config error found while building the run never touches an existing folder."""
+        if self.mode != "new":
+            return
+        if self.path.exists() and self.force:
+            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def metrics_path(self) -> Path:
