@@ -148,3 +148,32 @@ def test_metrics_jsonl_is_valid_json_lines(tmp_path, capsys):
     assert run_cli(["run", "fedit-instruct", *sets(*FAST, "rounds=1"), "--out", str(out)], capsys)[0] == 0
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+def test_local_hf_model_and_local_instruction_file_run_end_to_end(tmp_path, capsys):
+    """A user's own Hugging Face folder and Alpaca-style JSONL go through the same code path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hetfl.models.builders import load_causal_lm
+
+    _, tok = load_causal_lm("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "my-model")
+    tok.save_pretrained(tmp_path / "my-model")
+    rows = [{"instruction": f"Say {w}", "input": "", "output": w, "category": c}
+            for c in ("echo", "shout") for w in ("red", "blue", "green", "black", "white", "pink", "gold", "grey")]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "fedit-instruct", *sets(*FAST, f"model.name={tmp_path / 'my-model'}",
+                                                       f"data.name={data}", "data.eval_categories=[shout]"),
+                            "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["round"] == 2 and "eval_rougeL" in rows[-1]
+    # LoRA r=8 on q,k,v,o (all 32x32) in 2 layers: 8 modules x (A 8x32 + B 32x8) = 4096 floats per client.
+    assert rows[1]["bytes_down"] == 2 * 4096 * 4  # two clients per round, fp32

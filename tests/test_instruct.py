@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hetfl.data.instruct import (
-    ALL_FAMILIES, HELDOUT_FAMILIES, IGNORE_INDEX, TRAIN_FAMILIES, Example, collate, encode_examples,
+    ALL_FAMILIES, ANIMALS, COLORS, HELDOUT_FAMILIES, POSITIVE, IGNORE_INDEX, TRAIN_FAMILIES, Example, collate, encode_examples,
     family_phrasings, load_instruction_file, make_synth_instruct, prompt_of,
 )
 from hetfl.errors import DataError
@@ -77,23 +77,35 @@ def test_hand_checked_answers():
         assert e.output == ("even" if int(e.input) % 2 == 0 else "odd")
     for e in f["uppercase"]:
         assert e.output == e.input.upper()
-    for e in f["reverse_upper"]:
-        assert e.output == e.input[::-1].upper()
+    for e in f["upper_first_letter"]:
+        assert e.output == e.input[0].upper()
+    for e in f["length_parity"]:
+        assert e.output == ("even" if len(e.input) % 2 == 0 else "odd")
+    for e in f["is_positive"]:
+        assert e.output == ("yes" if set(e.input.rstrip(".").split()) & set(POSITIVE) else "no")
     for e in f["wrap_upper"]:
         assert e.output == "[" + e.input.upper() + "]"
     for e in f["extract_number"]:
         assert _ints(e.input) == [int(e.output)]
-    for e in f["name_initial"]:
-        assert len(e.output) == 1 and re.search(r"\b" + e.output + r"[a-z]+", e.input)
+    for e in f["list_second"]:
+        assert e.output == str(_ints(e.input)[1])
+    for e in f["is_animal"]:
+        assert e.output == ("yes" if e.input in ANIMALS else "no")
     for e in f["join_commas"]:
         assert e.output.replace(", ", " ") == e.input
     for e in f["sentiment"]:
-        assert e.output in ("positive", "negative")
+        assert e.output == ("positive" if set(e.input.rstrip(".").split()) & set(POSITIVE) else "negative")
+    for e in f["is_color"]:
+        assert e.output == ("yes" if e.input in COLORS else "no")
+    # Binary families are balanced enough that a constant answer cannot score well.
+    for fam in ("is_color", "sentiment", "fruit_or_animal", "parity", "is_animal", "is_positive"):
+        answers = [e.output for e in f[fam]]
+        assert 0.25 < answers.count(answers[0]) / len(answers) < 0.75, fam
     # Two fixed examples pin the generator (seed 0): change these only on purpose.
     ex = make_synth_instruct(1, 0, families=["add"])[0]
     assert (ex.input, ex.output) == ("7 + 15", "22")
-    ex = make_synth_instruct(1, 0, families=["reverse_upper"])[0]
-    assert (ex.input, ex.output) == ("fish", "HSIF")
+    ex = make_synth_instruct(1, 0, families=["wrap_upper"])[0]
+    assert (ex.input, ex.output) == ("star", "[STAR]")
 
 
 def test_prompt_template():

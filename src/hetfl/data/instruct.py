@@ -145,6 +145,12 @@ def _subtract(rng: random.Random) -> tuple[str, str]:
     return f"{a} - {b}", str(a - b)
 
 
+def _is_color(rng: random.Random) -> tuple[str, str]:
+    if rng.random() < 0.5:  # balanced classes: a constant answer scores only 50%
+        return rng.choice(COLORS), "yes"
+    return rng.choice(WORDS), "no"
+
+
 def _lowercase(rng: random.Random) -> tuple[str, str]:
     w = rng.choice(WORDS)
     return w.upper(), w
@@ -160,9 +166,21 @@ def _key_value(rng: random.Random) -> tuple[str, str]:
     return f"{k} {v}", f"{k}: {v}"
 
 
-def _name_initial(rng: random.Random) -> tuple[str, str]:
-    sentence, name = _sentence_with_name(rng)
-    return sentence, name[0]
+def _is_animal(rng: random.Random) -> tuple[str, str]:
+    # Relative of fruit_or_animal (knowledge) and is_color (yes/no format); half are fruits.
+    if rng.random() < 0.5:
+        return rng.choice(ANIMALS), "yes"
+    return rng.choice(FRUITS), "no"
+
+
+def _is_positive(rng: random.Random) -> tuple[str, str]:
+    sentence, label = _sentiment_sentence(rng)  # sentiment skill, yes/no answer format
+    return sentence, "yes" if label == "positive" else "no"
+
+
+def _length_parity(rng: random.Random) -> tuple[str, str]:
+    w = rng.choice(WORDS)  # composition of word_length and parity
+    return w, "even" if len(w) % 2 == 0 else "odd"
 
 
 def _count_words(rng: random.Random) -> tuple[str, str]:
@@ -242,6 +260,9 @@ _FAMILIES: dict[str, tuple[_Gen, tuple[str, ...]]] = {
     "list_reverse": (lambda r: (_list_str(xs := _nums(r, 0, 99, r.randint(3, 4))), _list_str(xs[::-1])),
                      ("Reverse the list.", "Write the list in reverse order.",
                       "List the numbers from last to first.")),
+    "list_second": (lambda r: (_list_str(xs := _nums(r, 0, 99, r.randint(3, 5))), str(xs[1])),
+                    ("What is the second item of the list?", "Give the second number in the list.",
+                     "Return the second element.")),
     # formatting
     "wrap_brackets": (lambda r: (w := r.choice(WORDS), f"[{w}]"),
                       ("Put the word in square brackets.", "Wrap the word in brackets.",
@@ -275,7 +296,7 @@ _FAMILIES: dict[str, tuple[_Gen, tuple[str, ...]]] = {
     "sentiment": (_sentiment_sentence,
                   ("Is the sentiment positive or negative?", "Classify the sentiment of the sentence.",
                    "Does the text sound positive or negative?")),
-    "is_color": (lambda r: (w := r.choice(COLORS + WORDS), "yes" if w in COLORS else "no"),
+    "is_color": (_is_color,
                  ("Is this word a color? Answer yes or no.", "Does the word name a color?",
                   "Answer yes if the word is a color, otherwise no.")),
     # held-out: compositions / near relatives of the skills above
@@ -283,29 +304,28 @@ _FAMILIES: dict[str, tuple[_Gen, tuple[str, ...]]] = {
                            ("Give the first letter of the word in uppercase.",
                             "What is the first letter, as a capital?",
                             "Write the word's first letter as a capital letter.")),
-    "reverse_upper": (lambda r: (w := r.choice(SHORT_WORDS), w[::-1].upper()),
-                      ("Reverse the word and write it in uppercase.",
-                       "Write the word backwards in capital letters.",
-                       "Spell the word in reverse using uppercase letters.")),
     "wrap_upper": (lambda r: (w := r.choice(WORDS), f"[{w.upper()}]"),
                    ("Write the word in uppercase inside square brackets.",
                     "Put the capitalised word in brackets.",
                     "Convert the word to capitals and wrap it in [ and ].")),
-    "list_second": (lambda r: (_list_str(xs := _nums(r, 0, 99, r.randint(3, 5))), str(xs[1])),
-                    ("What is the second item of the list?", "Give the second number in the list.",
-                     "Return the second element.")),
     "smaller": (lambda r: ((ab := _pair(r)) and f"{ab[0]} {ab[1]}", str(min(ab))),
                 ("Which number is smaller?", "Give the smaller of the two numbers.",
                  "Pick the lesser number.")),
-    "name_initial": (_name_initial,
-                     ("What is the first letter of the name in the sentence?",
-                      "Give the initial of the person mentioned.",
-                      "Which letter does the person's name start with?")),
+    "is_animal": (_is_animal,
+                  ("Is this word an animal? Answer yes or no.", "Does the word name an animal?",
+                   "Answer yes if the word is an animal, otherwise no.")),
+    "is_positive": (_is_positive,
+                    ("Is the sentence positive? Answer yes or no.", "Does the text sound happy?",
+                     "Answer yes if the sentiment is positive, otherwise no.")),
+    "length_parity": (_length_parity,
+                      ("Does the word have an even or odd number of letters?",
+                       "Is the length of the word even or odd?",
+                       "Count the letters and say whether the count is even or odd.")),
 }
 
 ALL_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 HELDOUT_FAMILIES: tuple[str, ...] = (
-    "upper_first_letter", "reverse_upper", "wrap_upper", "list_second", "smaller", "name_initial",
+    "upper_first_letter", "wrap_upper", "smaller", "is_animal", "is_positive", "length_parity",
 )
 TRAIN_FAMILIES: tuple[str, ...] = tuple(f for f in ALL_FAMILIES if f not in HELDOUT_FAMILIES)
 

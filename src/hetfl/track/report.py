@@ -85,10 +85,14 @@ def write_report(run_dir: str | Path) -> Path:
     d = Path(run_dir)
     history = read_metrics(d / "metrics.jsonl")
     cfg_text = (d / "config.yaml").read_text() if (d / "config.yaml").exists() else ""
-    metric = plot_runs([(d.name, history)], d / "quality.png", title=d.name)
+    import yaml
+
+    cfg = yaml.safe_load(cfg_text) if cfg_text else {}
+    title = f"{cfg.get('name', d.name)} [{cfg.get('method', {}).get('name', '?')}]" if cfg else d.name
+    metric = plot_runs([(title, history)], d / "quality.png", title=title)
     last = history[-1] if history else {}
     kinds = last.get("bytes_by_kind", {})
-    parts = [f"# Run report: {d.name}", ""]
+    parts = [f"# Run report: {title}", "", f"Run folder: `{d}`.", ""]
     if metric:
         parts += [f"Final {metric}: **{last.get(metric, float('nan')):.3f}** after round {last.get('round')}.", "",
                   "![quality against cost](quality.png)", ""]
