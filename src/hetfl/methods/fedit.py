@@ -16,11 +16,11 @@ from hetfl.registry import register_method
 def lora_and_dense(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The LoRA factors plus any parameters the model asks to train densely.
 
-    A model may list name prefixes in `hetfl_dense_prefixes` (e.g. a freshly initialised
-    classification head, `("classifier.",)`); those train in full and are averaged too.
+    A classifier lists its freshly initialised head in `head_param_names()`; the head trains in
+    full and is averaged with the adapter (as the FSLoRA and FedV papers do for GLUE heads).
     """
-    dense = tuple(getattr(model, "hetfl_dense_prefixes", ()))
-    return {k: p for k, p in model.named_parameters() if "lora_" in k or (dense and k.startswith(dense))}
+    head = set(getattr(model, "head_param_names", lambda: [])())
+    return {k: p for k, p in model.named_parameters() if "lora_" in k or k in head}
 
 
 @dataclass(frozen=True)
