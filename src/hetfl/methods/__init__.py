@@ -1,3 +1,4 @@
 """Built-in methods; importing this package registers them."""
 
 from hetfl.methods import fedavg_full, fedit  # noqa: F401
+from hetfl.methods import flexlora, flora_stack, fslora, heterolora  # noqa: F401

@@ -1,0 +1,248 @@
+"""Pieces shared by the heterogeneous-rank LoRA methods (fslora, heterolora, flexlora, flora-stack).
+
+Every client i trains a LoRA of its own rank k_i <= r, where r = `lora.rank` is the global rank.
+This module chooses k_i, estimates what a client needs at rank k (memory, FLOPs, bytes, time),
+and loads rank-k factors into the one shared model. How k_i is chosen (`method.sketch`):
+
+- ``fixed``: drawn once per client from `method.rank_dist` (seeded; the FSLoRA paper's setup).
+- ``policy``: the largest k whose estimated memory fits the client's device and whose estimated
+  round time (compute + upload + download on its tier) meets `method.deadline_s`.
+- ``adaptive``: starts like ``fixed``; after each round the loop reports every sampled client's
+  measured cost to `observe`, which rescales that client's k by deadline / observed time.
+
+All mutable method state (each client's current k) lives in the server state under "rank", so it
+is checkpointed; the method object only keeps values derived once from the config and scenario.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, derive_seed, generator
+from hetfl.errors import ConfigError
+from hetfl.methods.common import AvgConfig, ServerOptimizer, estimate_memory, local_train
+from hetfl.models.lora import inject_lora, load_lora_state_dict, lora_modules, lora_state_dict
+from hetfl.system.cost import client_cost
+from hetfl.system.memory import fits
+
+RANK = "rank"  # reply metadata: the rank the client trained at (clients.csv's rank column)
+FP32 = 4  # bytes per value of an fp32 tensor
+
+
+@dataclass(frozen=True)
+class HetRankConfig(AvgConfig):
+    """How each client's rank (sketch size) k_i is chosen; shared by the heterogeneous-rank methods."""
+
+    sketch: Literal["fixed", "policy", "adaptive"] = "fixed"
+    rank_dist: Literal["ratios", "normal", "uniform", "heavy_tail_low"] = "ratios"
+    ratios: tuple[float, ...] = (0.125, 0.25, 0.5)  # rank_dist=ratios: k_i / r drawn from these (paper v1)
+    rank_low: int = 1  # normal / uniform / heavy_tail_low: k_i in [rank_low, rank_high]
+    rank_high: int = 0  # 0: half the global rank (the paper's [1, 32] at r = 64)
+    deadline_s: float = 0.0  # policy / adaptive: round-time budget per client in simulated seconds
+
+    def check(self):
+        yield from super().check()
+        if not self.ratios or any(not 0 < x <= 1 for x in self.ratios):
+            yield "ratios", "needs at least one ratio, each in (0, 1]"
+        if self.rank_low < 1:
+            yield "rank_low", "must be >= 1"
+        if self.rank_high and self.rank_high < self.rank_low:
+            yield "rank_high", f"must be 0 or >= rank_low ({self.rank_low})"
+        if self.deadline_s < 0:
+            yield "deadline_s", "must be >= 0"
+        if self.sketch == "adaptive" and self.deadline_s <= 0:
+            yield "deadline_s", "sketch=adaptive needs a deadline > 0 (simulated seconds per round)"
+
+
+def draw_ranks(mcfg: HetRankConfig, r: int, n: int, seed: int) -> list[int]:
+    """k_i for each of `n` clients, drawn once per run from `mcfg.rank_dist` and clipped to [1, r].
+
+    ``normal`` is N((lo+hi)/2, ((hi-lo)/6)^2) rounded, as in the paper's v3 scripts; ``uniform`` is
+    uniform on the integers [lo, hi]; ``heavy_tail_low`` min-max rescales LogNormal(0, 1) draws to
+    [lo, hi], so most clients get a low rank and a few a high one (a reconstruction of the
+    paper's "inverse lognormal rescaled to [1, 32]").
+    """
+    lo, hi = mcfg.rank_low, mcfg.rank_high or max(1, r // 2)
+    g = generator(seed, "ranks", mcfg.rank_dist)
+    if mcfg.rank_dist == "ratios":
+        pick = torch.randint(len(mcfg.ratios), (n,), generator=g)
+        ks = torch.tensor([r * mcfg.ratios[i] for i in pick.tolist()], dtype=torch.float64)
+    elif mcfg.rank_dist == "normal":
+        ks = (lo + hi) / 2 + (hi - lo) / 6 * torch.randn(n, generator=g, dtype=torch.float64)
+    elif mcfg.rank_dist == "uniform":
+        ks = torch.randint(lo, hi + 1, (n,), generator=g).double()
+    else:
+        x = torch.randn(n, generator=g, dtype=torch.float64).exp()
+        ks = lo + (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12) * (hi - lo)
+    if mcfg.rank_dist != "ratios":
+        ks = ks.clamp(lo, hi)
+    return [min(r, max(1, int(k))) for k in ks.round().tolist()]
+
+
+def adapt_rank(k: int, time_s: float, deadline_s: float, k_max: int) -> int:
+    """Next round's rank: k * deadline / observed time, clipped to [1, k_max].
+
+    A client that missed the deadline always gets a strictly smaller k (if it can), so a client
+    slightly over the budget does not stay there because of rounding.
+    """
+    new = round(k * deadline_s / time_s) if time_s > 0 else k_max
+    if time_s > deadline_s:
+        new = min(new, k - 1)
+    return max(1, min(k_max, new))
+
+
+def client_weights(replies: dict[int, Message], weighting: str) -> dict[int, float]:
+    """Aggregation weight per replying client: 1/P (uniform) or n_i / sum_j n_j (examples)."""
+    n = {c: float(m.meta[NUM_EXAMPLES]) if weighting == "examples" else 1.0 for c, m in replies.items()}
+    total = sum(n.values())
+    return {c: v / total for c, v in n.items()}
+
+
+def factor_keys(mod: str) -> tuple[str, str]:
+    return f"{mod}.lora_A", f"{mod}.lora_B"
+
+
+def load_factors(model: nn.Module, tensors: dict[str, torch.Tensor], scale: Callable[[int], float]) -> None:
+    """Give every LoRA layer the factors in `tensors` ("<module>.lora_A" (k, in), "<module>.lora_B"
+    (out, k)), re-allocating it at rank k when needed, and set its scaling to `scale(k)`.
+
+    `set_rank` resets the scaling to alpha / k, so the scaling is set again afterwards.
+    """
+    load_lora_state_dict(model, {n: t for n, t in tensors.items() if n.endswith((".lora_A", ".lora_B"))})
+    for m in lora_modules(model).values():
+        m.scaling = scale(m.rank)
+
+
+class HetRankLoRA:
+    """Base of the heterogeneous-rank LoRA methods: rank choice, plans, adaptive budgets, local training.
+
+    Subclasses implement `setup` (calling `setup_ranks`), `configure`, `client_update`,
+    `aggregate` and `eval_model`.
+    """
+
+    def __init__(self, cfg, mcfg: HetRankConfig):
+        self.cfg, self.mcfg = cfg, mcfg
+        self.r = cfg.lora.rank
+        self.server_opt = ServerOptimizer(mcfg)
+
+    # -- scales ---------------------------------------------------------------------
+    @property
+    def s(self) -> float:
+        """The global adapter's scaling alpha / r (used for evaluation)."""
+        return self.cfg.lora.alpha / self.r
+
+    def local_scale(self, k: int) -> float:
+        """Scaling of a rank-k client adapter: s * r / k (FSLoRA's unbiased sketch scale), which
+        with s = alpha / r is also standard LoRA scaling alpha / k at rank k."""
+        return self.s * self.r / k
+
+    # -- setup and plans --------------------------------------------------------------
+    def setup_ranks(self, scenario) -> ServerState:
+        """Inject the global rank-r LoRA (same init as fedit) and choose every client's first rank."""
+        self.scenario = scenario
+        lc = self.cfg.lora
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "lora-init"))
+        inject_lora(scenario.model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, regex=lc.regex,
+                    exclude=lc.exclude, dropout=lc.dropout, generator=g)
+        if self.mcfg.rank_high > self.r:
+            raise ConfigError(f"method.rank_high: {self.mcfg.rank_high} exceeds the global rank lora.rank={self.r}")
+        mods = lora_modules(scenario.model)
+        self.modules = list(mods)  # names, fixed for the run
+        self.units = sum(m.in_features + m.out_features for m in mods.values())  # LoRA params per unit of rank
+        pop = scenario.population
+        return {"rank": {cid: self.initial_rank(cid, pop.device(cid)) for cid in range(len(pop))}, "round_rank": {}}
+
+    def initial_rank(self, cid: int, device) -> int:
+        """Client `cid`'s rank before any adaptation: the policy's choice, or its seeded draw."""
+        if self.mcfg.sketch == "policy":
+            return self.policy_rank(device)
+        return draw_ranks(self.mcfg, self.r, len(self.scenario.population), self.cfg.seed)[cid]
+
+    def plan(self, cid: int, device) -> tuple[dict, int]:
+        """Knobs {"rank": k_i} and the estimated training memory at that rank."""
+        k = self.initial_rank(cid, device)
+        return {RANK: k}, self.memory(k)
+
+    def policy_rank(self, device) -> int:
+        """The largest k <= r that fits the device's memory and meets `deadline_s` (0: no deadline); 1 if none."""
+        for k in range(self.r, 0, -1):
+            if fits(self.memory(k), device) and (self.mcfg.deadline_s <= 0 or self.estimate_time(k, device)
+                                                 <= self.mcfg.deadline_s):
+                return k
+        return 1  # nothing meets the budget; the loop refuses the client if even k=1 does not fit
+
+    def max_rank(self, device) -> int:
+        """The largest k <= r whose estimated memory fits the device (1 if none)."""
+        return next((k for k in range(self.r, 0, -1) if fits(self.memory(k), device)), 1)
+
+    def memory(self, k: int) -> int:
+        """Peak training memory (bytes) of a client holding a rank-k adapter."""
+        model = self.scenario.model
+        held = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(model).values())
+        # estimate_memory counts every weight the model holds now (an adapter of some other
+        # rank); a rank-k client holds only its own k * units adapter values.
+        return estimate_memory(model, k * self.units, self.cfg) - FP32 * (held - k * self.units)
+
+    def estimate_flops(self, k: int) -> float:
+        """FLOPs of one round of local training at rank k.
+
+        Per token, a frozen matmul weight costs 4 FLOPs (2 forward, 2 for the input gradient) and a
+        trained one 6 (plus its weight gradient): the 6N-per-token rule of Kaplan et al. 2020
+        ("Scaling Laws for Neural Language Models", sec. 2.1). Attention scores are left out.
+        """
+        model = self.scenario.model
+        frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        per_sample = self.cfg.data.max_len if hasattr(getattr(model, "config", None), "hidden_size") else 1
+        tokens = self.cfg.train.local_steps * self.cfg.train.batch_size * per_sample
+        return float(tokens * (4 * frozen + 6 * k * self.units))
+
+    def estimate_bytes(self, k: int) -> tuple[int, int]:
+        """(up, down) bytes at rank k: the fp32 rank-k factors each way (a codec only shrinks them)."""
+        n = FP32 * k * self.units
+        return n, n
+
+    def estimate_time(self, k: int, device) -> float:
+        up, down = self.estimate_bytes(k)
+        return client_cost(device, self.estimate_flops(k), up, down).time_s
+
+    # -- hooks the loop calls if present ----------------------------------------------
+    def observe(self, state: ServerState, rnd: int, costs: dict) -> None:
+        """sketch=adaptive: rescale each sampled client's k toward `deadline_s` for later rounds."""
+        if self.mcfg.sketch != "adaptive":
+            return
+        pop = self.scenario.population
+        for cid in sorted(costs):
+            k_max = self.max_rank(pop.device(cid))
+            state["rank"][cid] = adapt_rank(state["rank"][cid], costs[cid].time_s, self.mcfg.deadline_s, k_max)
+
+    def round_stats(self, state: ServerState, rnd: int) -> dict[str, float]:
+        ks = list(state["round_rank"].values())
+        out = {"rank_mean": sum(ks) / len(ks), "rank_min": min(ks), "rank_max": max(ks)} if ks else {}
+        return {**out, **state.get("stats", {})}
+
+    # -- client side ------------------------------------------------------------------
+    def train_factors(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        """Load the rank-k factors `start` with scaling `local_scale(k)`, train them locally, and
+        return (mean loss, the trained factors)."""
+        model = ctx.model
+        load_factors(model, start, self.local_scale)
+        ranks = tuple(m.rank for m in lora_modules(model).values())
+        ctx.mem_bytes = self.memory(ranks[0])  # this round's rank, which `sketch=adaptive` may have changed
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        loss = local_train(ctx, params, self.cfg, (type(self).__name__, ranks))
+        return loss, {n: t.clone() for n, t in lora_state_dict(model).items()}
+
+    def reply(self, ctx: ClientContext, tensors: dict[str, torch.Tensor], loss: float, k: int) -> Message:
+        return Message(tensors, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss, RANK: k}, kind="update")
+
+    def record_ranks(self, state: ServerState, replies: dict[int, Message]) -> None:
+        state["round_rank"] = {cid: int(replies[cid].meta[RANK]) for cid in sorted(replies)}
+
+    def load_global(self, state: ServerState) -> nn.Module:
+        """The scenario model carrying the global rank-r factors in state["global"] at scaling s."""
+        load_factors(self.scenario.model, state["global"], lambda k: self.s)
+        return self.scenario.model
