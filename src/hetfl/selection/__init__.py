@@ -5,3 +5,4 @@ from hetfl.registry import register_selector
 from hetfl.selection import random  # noqa: F401
 
 register_selector("none", SelectionConfig, "no selection: train on all local data")(lambda cfg, scfg: None)
+from hetfl.selection import coreset_central, fedhds, perplexity  # noqa: E402,F401
