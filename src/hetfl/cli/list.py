@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from hetfl.registry import CODECS, METHODS
     from hetfl.system.devices import load_tiers
 
-    con = Console()
+    con = Console(width=max(120, Console().width))  # wide enough that names are never elided
     t = Table(title="methods")
     t.add_column("name")
     t.add_column("what it does")

@@ -35,6 +35,8 @@ class SimulatedBackend:
     def run_round(self, rnd: int, down: dict[int, Message], knobs: dict[int, dict],
                   mem: dict[int, int]) -> tuple[dict[int, Message], dict[int, ClientContext]]:
         cids = sorted(down, reverse=self.order == "reverse")
+        if hasattr(self.method, "client_order"):  # sequential methods (SplitFed V2) fix a seeded order
+            cids = self.method.client_order(rnd, sorted(cids))
         ctxs = {cid: self.context(rnd, cid, knobs[cid], mem[cid]) for cid in cids}
         msgs = {cid: self.link.send(DOWN, rnd, cid, down[cid].kind or "model", down[cid]) for cid in cids}
         if self.selector is not None:
@@ -67,8 +69,13 @@ class SimulatedBackend:
 
     def context(self, rnd: int, cid: int, knobs: dict, mem: int) -> ClientContext:
         sc = self.scenario
+        server = None
+        if hasattr(self.method, "server_handler"):  # split methods: per-batch calls cross the link
+            from hetfl.engine.split import LinkedServer
+
+            server = LinkedServer(self.link, rnd, cid, self.method.server_handler(rnd))
         return ClientContext(
             cid=cid, rnd=rnd, data=sc.client_data[cid], device=sc.population.device(cid), knobs=dict(knobs),
             state=self.client_states.setdefault(cid, {}), seed=sc.cfg.seed, model=sc.model, task=sc.task,
-            mem_bytes=mem, _flop_cache=self.flop_cache,
+            server=server, mem_bytes=mem, _flop_cache=self.flop_cache,
         )

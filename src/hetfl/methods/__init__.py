@@ -2,3 +2,4 @@
 
 from hetfl.methods import fedavg_full, fedit  # noqa: F401
 from hetfl.methods import flexlora, flora_stack, fslora, heterolora  # noqa: F401
+from hetfl.methods import ditto, fedv, fedvz, splitfed_v1, splitfed_v2  # noqa: F401
