@@ -84,6 +84,10 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
     if resume:
         ck = rundir.load_checkpoint()
         state, backend.client_states, totals, start = ck["state"], ck["client_states"], ck["totals"], ck["round"] + 1
+        # A step run under FlopCounterMode differs from a plain one in the last float bits (torch
+        # dispatches some backward kernels differently), so which steps get counted must not depend
+        # on where the run was interrupted: the cache of already-counted shapes is part of the state.
+        backend.flop_cache.update(ck.get("flop_cache", {}))
         history = [r for r in _read_history(rundir)]
     else:
         if rundir is not None:
@@ -147,7 +151,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         _emit(m, rows, rundir, history, on_round)
         if rundir is not None and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
             rundir.save_checkpoint({"round": rnd, "state": state, "client_states": backend.client_states,
-                                    "totals": totals})
+                                    "totals": totals, "flop_cache": backend.flop_cache})
     if rundir is not None and hasattr(method, "export"):
         method.export(state, rundir.path)
     return history
