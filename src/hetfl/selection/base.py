@@ -10,9 +10,25 @@ so features can come from it. A client whose selection is empty skips training t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
+from hetfl.config import SelectionConfig
 from hetfl.engine.api import ClientContext, Message
+
+
+@dataclass(frozen=True)
+class RatioSelectionConfig(SelectionConfig):
+    """Options shared by selectors that keep a share of the data scored by a model forward."""
+
+    ratio: float = 0.1  # share of samples kept
+    batch_size: int = 16  # samples per scoring forward pass
+
+    def check(self):
+        if not 0 < self.ratio <= 1:
+            yield "ratio", "must be in (0, 1]"
+        if self.batch_size < 1:
+            yield "batch_size", "must be >= 1"
 
 
 class Selector(Protocol):

@@ -16,27 +16,20 @@ from typing import Literal
 import numpy as np
 import torch
 
-from hetfl.config import SelectionConfig
 from hetfl.engine.api import ClientContext, Message, derive_seed
 from hetfl.registry import register_selector
+from hetfl.selection.base import RatioSelectionConfig
 from hetfl.selection.features import client_features, one_thread
 
 NON_PRIVATE_WARNING = "selection coreset-central is a non-private reference: clients upload all sample features"
 
 
 @dataclass(frozen=True)
-class CoresetCentralConfig(SelectionConfig):
+class CoresetCentralConfig(RatioSelectionConfig):
     name: str = "coreset-central"
     ratio: float = 0.05  # k = ceil(ratio x pooled samples of the round's clients)
     layers: Literal["all", "last"] = "last"  # spec: k-means on last-layer features
     feature_text: Literal["full", "prompt"] = "full"
-    batch_size: int = 16
-
-    def check(self):
-        if not 0 < self.ratio <= 1:
-            yield "ratio", "must be in (0, 1]"
-        if self.batch_size < 1:
-            yield "batch_size", "must be >= 1"
 
 
 def kmeans_nearest(feats: np.ndarray, k: int, seed: int) -> list[int]:

@@ -12,25 +12,18 @@ from typing import Literal
 
 import numpy as np
 
-from hetfl.config import SelectionConfig
 from hetfl.engine.api import ClientContext, Message
 from hetfl.errors import ConfigError
 from hetfl.registry import register_selector
+from hetfl.selection.base import RatioSelectionConfig
 from hetfl.selection.features import _is_token_sample, response_nll
 
 
 @dataclass(frozen=True)
-class PerplexityConfig(SelectionConfig):
+class PerplexityConfig(RatioSelectionConfig):
     name: str = "perplexity"
     ratio: float = 0.1  # share of local samples kept (at least one)
     direction: Literal["high", "low"] = "high"
-    batch_size: int = 16
-
-    def check(self):
-        if not 0 < self.ratio <= 1:
-            yield "ratio", "must be in (0, 1]"
-        if self.batch_size < 1:
-            yield "batch_size", "must be >= 1"
 
 
 def pick_by_score(scores: np.ndarray, ratio: float, direction: str) -> list[int]:
