@@ -261,3 +261,33 @@ def test_two_round_toy_simulation_is_pinned_and_order_independent():
 
 
 PINNED_FSLORA = [0.6302052140235901, 0.6278433203697205, 0.6247068047523499]
+
+
+@pytest.mark.parametrize("name", ["fslora", "heterolora", "flexlora", "flora-stack"])
+def test_classifier_head_trains_densely_and_travels(name):
+    """On a classifier, every heterogeneous-rank method also trains and averages the dense head."""
+    from hetfl.config import load_config
+    from hetfl.engine.loop import run_rounds
+    from hetfl.runner import build_method
+    from hetfl.scenario import build_scenario
+
+    cfg = load_config({
+        "seed": 2, "rounds": 1, "model": {"name": "mlp"},
+        "data": {"name": "digits", "samples_per_family": 8, "eval_samples": 100, "partition": "iid"},
+        "lora": {"rank": 4, "alpha": 4, "targets": ["fc"]},
+        "train": {"optimizer": "sgd", "lr": 0.1, "local_steps": 2, "batch_size": 4},
+        "method": {"name": name, "ratios": [0.5]},
+        "population": {"num_clients": 4, "clients_per_round": 2, "tiers": {"laptop": 1}},
+        "eval": {"at_start": False},
+    })
+    sc = build_scenario(cfg)
+    head0 = {n: p.detach().clone() for n, p in sc.model.named_parameters() if n in sc.model.head_param_names()}
+    method = build_method(cfg)
+    hist = run_rounds(sc, method)
+    n_head = sum(t.numel() for t in head0.values())
+    assert set(method.head) == set(head0) and n_head > 0
+    model = sc.model  # the loop's final evaluation loaded the global head into it
+    moved = [not torch.equal(dict(model.named_parameters())[n], t) for n, t in head0.items()]
+    assert all(moved)
+    # the head crosses both ways for each of the two clients: at least its fp32 bytes per direction
+    assert hist[-1]["bytes_down"] >= 2 * 4 * n_head and hist[-1]["bytes_up"] >= 2 * 4 * n_head

@@ -65,12 +65,13 @@ class FlexLoRA(HetRankLoRA):
                 tensors[a] = g[a][:k]  # (k, in): top-k right singular vectors
                 tensors[b] = g[b][:, :k] * (self.s / self.local_scale(k))  # (out, k): s_k B_k A_k = rank-k part
             out[cid] = Message(tensors, kind="model")
-        return out
+        return self.with_head(state, out)
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
-        loss, trained = self.train_factors(ctx, msg.tensors)
+        factors = {n: t for n, t in msg.tensors.items() if n.endswith((".lora_A", ".lora_B"))}
+        loss, trained, head_delta = self.train_factors(ctx, factors, {n: msg.tensors[n] for n in self.head})
         k = msg.tensors[factor_keys(self.modules[0])[0]].shape[0]
-        return self.reply(ctx, trained, loss, k)  # the trained factors: the server needs their product
+        return self.reply(ctx, {**trained, **head_delta}, loss, k)  # the trained factors: the server needs their product
 
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         w = client_weights(replies, self.mcfg.weighting)
@@ -91,6 +92,7 @@ class FlexLoRA(HetRankLoRA):
             svd += svd_flops(*state["dw"][mod].shape)
         state["stats"] = {"server_svd_flops": svd, "server_flops": svd + flops,
                           "server_svd_wall_s": time.perf_counter() - t0}
+        self.aggregate_head(state, replies, w)
         self.record_ranks(state, replies)
         return state
 

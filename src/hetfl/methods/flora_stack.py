@@ -51,7 +51,8 @@ class FloraStack(HetRankLoRA):
         return up, FP32 * sum(m.in_features * m.out_features for m in mods)  # merged weights come down
 
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
-        return {cid: Message(dict(state["base"]), {RANK: state["rank"][cid]}, kind="model") for cid in cids}
+        return self.with_head(state, {cid: Message(dict(state["base"]), {RANK: state["rank"][cid]}, kind="model")
+                                      for cid in cids})
 
     def _load_base(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -60,13 +61,13 @@ class FloraStack(HetRankLoRA):
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
         k = int(msg.meta[RANK])
-        self._load_base(ctx.model, msg.tensors)
+        self._load_base(ctx.model, msg.tensors)  # the merged weights of the adapted modules
         g = ctx.generator("lora-init")
         for m in lora_modules(ctx.model).values():  # fresh adapter: A Kaiming-uniform, B = 0
             m.set_rank(k, g)
         start = {n: t.clone() for n, t in lora_state_dict(ctx.model).items()}
-        loss, trained = self.train_factors(ctx, start)
-        return self.reply(ctx, trained, loss, k)
+        loss, trained, head_delta = self.train_factors(ctx, start, {n: msg.tensors[n] for n in self.head})
+        return self.reply(ctx, {**trained, **head_delta}, loss, k)
 
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         w = client_weights(replies, self.mcfg.weighting)
@@ -79,6 +80,7 @@ class FloraStack(HetRankLoRA):
             flops += 2.0 * sb.shape[0] * sb.shape[1] * sa.shape[1]
         self.server_opt.step(state, "base", merge)
         state["stats"] = {"server_flops": flops, "stacked_rank": sum(int(m.meta[RANK]) for m in replies.values())}
+        self.aggregate_head(state, replies, w)
         self.record_ranks(state, replies)
         return state
 
@@ -87,4 +89,5 @@ class FloraStack(HetRankLoRA):
         self._load_base(model, state["base"])
         for m in lora_modules(model).values():
             m.set_rank(1)  # B = 0: the adapter adds nothing; everything learned is merged in the base
+        self.load_head(model, state["head"])
         return model

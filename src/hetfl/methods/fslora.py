@@ -71,12 +71,14 @@ class FSLoRA(HetRankLoRA):
                 if self.send_indices:
                     tensors[index_key(mod)] = idx.to(index_dtype(self.r))
             out[cid] = Message(tensors, kind="model")
-        return out
+        return self.with_head(state, out)
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
-        start = {n: t for n, t in msg.tensors.items() if not n.endswith(".index")}
-        loss, trained = self.train_factors(ctx, start)  # local scaling s * r / k
+        start = {n: t for n, t in msg.tensors.items() if n.endswith((".lora_A", ".lora_B"))}
+        head = {n: msg.tensors[n] for n in self.head}
+        loss, trained, head_delta = self.train_factors(ctx, start, head)  # local scaling s * r / k
         up = {n: trained[n] - start[n] for n in start}  # deltas (k, in) and (out, k)
+        up.update(head_delta)
         up.update({n: t for n, t in msg.tensors.items() if n.endswith(".index")})
         k = start[factor_keys(self.modules[0])[0]].shape[0]
         return self.reply(ctx, up, loss, k)
@@ -98,6 +100,7 @@ class FSLoRA(HetRankLoRA):
                 mean[a][idx] += w[cid] * msg.tensors[a]  # scatter rows: (k, in) into (r, in)
                 mean[b][:, idx] += w[cid] * msg.tensors[b]  # scatter columns: (out, k) into (out, r)
         self.server_opt.step(state, "global", mean)
+        self.aggregate_head(state, replies, w)
         self.record_ranks(state, replies)
         return state
 

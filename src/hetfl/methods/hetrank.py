@@ -22,7 +22,8 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, derive_seed, generator
+from hetfl.engine.api import (NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, derive_seed, generator,
+                             iter_sorted)
 from hetfl.errors import ConfigError
 from hetfl.methods.common import AvgConfig, ServerOptimizer, estimate_memory, local_train
 from hetfl.models.lora import inject_lora, load_lora_state_dict, lora_modules, lora_state_dict
@@ -153,8 +154,35 @@ class HetRankLoRA:
         mods = lora_modules(scenario.model)
         self.modules = list(mods)  # names, fixed for the run
         self.units = sum(m.in_features + m.out_features for m in mods.values())  # LoRA params per unit of rank
+        # A classifier's freshly initialised head trains densely on every client (whatever its rank)
+        # and is averaged like FedIT does it; language models have none.
+        self.head = list(getattr(scenario.model, "head_param_names", lambda: [])())
+        params = dict(scenario.model.named_parameters())
+        for n in self.head:
+            params[n].requires_grad_(True)
         pop = scenario.population
-        return {"rank": {cid: self.initial_rank(cid, pop.device(cid)) for cid in range(len(pop))}, "round_rank": {}}
+        return {"rank": {cid: self.initial_rank(cid, pop.device(cid)) for cid in range(len(pop))}, "round_rank": {},
+                "head": {n: params[n].detach().clone() for n in self.head}}
+
+    # -- the dense classification head (empty for language models) --------------------
+    def with_head(self, state: ServerState, msgs: dict[int, Message]) -> dict[int, Message]:
+        """Add the global head to every downlink message."""
+        for msg in msgs.values():
+            msg.tensors.update(state["head"])
+        return msgs
+
+    def aggregate_head(self, state: ServerState, replies: dict[int, Message], w: dict[int, float]) -> None:
+        """Weighted mean of the clients' head deltas, applied by the server optimiser."""
+        if not self.head:
+            return
+        mean = {n: sum(w[c] * m.tensors[n] for c, m in iter_sorted(replies)) for n in self.head}
+        self.server_opt.step(state, "head", mean)
+
+    def load_head(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n in self.head:
+                params[n].copy_(tensors[n])
 
     def initial_rank(self, cid: int, device) -> int:
         """Client `cid`'s rank before any adaptation: the policy's choice, or its seeded draw."""
@@ -225,16 +253,20 @@ class HetRankLoRA:
         return {**out, **state.get("stats", {})}
 
     # -- client side ------------------------------------------------------------------
-    def train_factors(self, ctx: ClientContext, start: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
-        """Load the rank-k factors `start` with scaling `local_scale(k)`, train them locally, and
-        return (mean loss, the trained factors)."""
+    def train_factors(self, ctx: ClientContext, start: dict[str, torch.Tensor],
+                      head: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Load the rank-k factors `start` with scaling `local_scale(k)` (and the global `head`),
+        train them locally, and return (mean loss, the trained factors, the head's deltas)."""
         model = ctx.model
         load_factors(model, start, self.local_scale)
+        self.load_head(model, head)
         ranks = tuple(m.rank for m in lora_modules(model).values())
         ctx.mem_bytes = self.memory(ranks[0])  # this round's rank, which `sketch=adaptive` may have changed
-        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        params = [p for n, p in model.named_parameters() if "lora_" in n or n in self.head]
         loss = local_train(ctx, params, self.cfg, (type(self).__name__, ranks))
-        return loss, {n: t.clone() for n, t in lora_state_dict(model).items()}
+        named = dict(model.named_parameters())
+        head_delta = {n: named[n].detach() - head[n] for n in self.head}
+        return loss, {n: t.clone() for n, t in lora_state_dict(model).items()}, head_delta
 
     def reply(self, ctx: ClientContext, tensors: dict[str, torch.Tensor], loss: float, k: int) -> Message:
         return Message(tensors, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss, RANK: k}, kind="update")
@@ -245,4 +277,5 @@ class HetRankLoRA:
     def load_global(self, state: ServerState) -> nn.Module:
         """The scenario model carrying the global rank-r factors in state["global"] at scaling s."""
         load_factors(self.scenario.model, state["global"], lambda k: self.s)
+        self.load_head(self.scenario.model, state["head"])
         return self.scenario.model
