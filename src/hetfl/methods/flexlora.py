@@ -56,16 +56,13 @@ class FlexLoRA(HetRankLoRA):
         state["stats"] = {}
         return state
 
+    def b_scale(self, k: int) -> float:
+        """The top-k channels (A: right singular vectors) with B rescaled so that the client's
+        s_k * B_k A_k is exactly the rank-k part of the global s * B A."""
+        return self.s / self.local_scale(k)
+
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
-        g, out = state["global"], {}
-        for cid in cids:
-            k, tensors = state["rank"][cid], {}
-            for mod in self.modules:
-                a, b = factor_keys(mod)
-                tensors[a] = g[a][:k]  # (k, in): top-k right singular vectors
-                tensors[b] = g[b][:, :k] * (self.s / self.local_scale(k))  # (out, k): s_k B_k A_k = rank-k part
-            out[cid] = Message(tensors, kind="model")
-        return self.with_head(state, out)
+        return self.slice_messages(state, rnd, cids)
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
         factors = {n: t for n, t in msg.tensors.items() if n.endswith((".lora_A", ".lora_B"))}

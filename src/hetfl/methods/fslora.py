@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from hetfl.engine.api import ClientContext, Message, ServerState, generator, iter_sorted
-from hetfl.methods.hetrank import HetRankConfig, HetRankLoRA, client_weights, factor_keys
+from hetfl.methods.hetrank import HetRankConfig, HetRankLoRA, client_weights, factor_keys, index_key
 from hetfl.models.lora import lora_state_dict
 from hetfl.registry import register_method
 
@@ -33,15 +33,6 @@ class FSLoRAConfig(HetRankConfig):
     name: str = "fslora"
     # The paper divides the scattered sum by P; "examples" weights by n_i / sum n (still unbiased).
     weighting: Literal["examples", "uniform"] = "uniform"
-
-
-def index_dtype(r: int) -> torch.dtype:
-    """The narrowest integer type that holds channel indices 0..r-1 (indices travel on the link)."""
-    return torch.uint8 if r <= 256 else torch.int16 if r <= 2**15 else torch.int32
-
-
-def index_key(mod: str) -> str:
-    return f"{mod}.index"
 
 
 @register_method("fslora", FSLoRAConfig, "FSLoRA: random-k sketches of a high-rank global LoRA (heterogeneous k_i)")
@@ -60,18 +51,7 @@ class FSLoRA(HetRankLoRA):
         return perm[:k].sort().values  # (k,) int64
 
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
-        g, out = state["global"], {}
-        for cid in cids:
-            k, tensors = state["rank"][cid], {}
-            for mod in self.modules:
-                a, b = factor_keys(mod)
-                idx = self.indices(rnd, cid, mod, k)  # one index set for both factors of the module
-                tensors[a] = g[a][idx]  # (r, in) -> (k, in)
-                tensors[b] = g[b][:, idx]  # (out, r) -> (out, k)
-                if self.send_indices:
-                    tensors[index_key(mod)] = idx.to(index_dtype(self.r))
-            out[cid] = Message(tensors, kind="model")
-        return self.with_head(state, out)
+        return self.slice_messages(state, rnd, cids)
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
         start = {n: t for n, t in msg.tensors.items() if n.endswith((".lora_A", ".lora_B"))}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from hetfl.methods.fslora import FSLoRA, FSLoRAConfig
+from hetfl.methods.hetrank import HetRankLoRA
 from hetfl.registry import register_method
 
 
@@ -33,4 +34,4 @@ class HeteroLoRA(FSLoRA):
     send_indices = False  # the first k channels: k alone says which
 
     def indices(self, rnd: int, cid: int, mod: str, k: int) -> torch.Tensor:
-        return torch.arange(k)  # (k,): channels 0..k-1, every round
+        return HetRankLoRA.indices(self, rnd, cid, mod, k)  # (k,): channels 0..k-1, every round

@@ -103,6 +103,15 @@ def client_weights(replies: dict[int, Message], weighting: str) -> dict[int, flo
     return {c: v / total for c, v in n.items()}
 
 
+def index_dtype(r: int) -> torch.dtype:
+    """The narrowest integer type that holds channel indices 0..r-1 (indices travel on the link)."""
+    return torch.uint8 if r <= 256 else torch.int16 if r <= 2**15 else torch.int32
+
+
+def index_key(mod: str) -> str:
+    return f"{mod}.index"
+
+
 def factor_keys(mod: str) -> tuple[str, str]:
     return f"{mod}.lora_A", f"{mod}.lora_B"
 
@@ -163,6 +172,33 @@ class HetRankLoRA:
         pop = scenario.population
         return {"rank": {cid: self.initial_rank(cid, pop.device(cid)) for cid in range(len(pop))}, "round_rank": {},
                 "head": {n: params[n].detach().clone() for n in self.head}}
+
+    # -- downlink: each client's rank-k slice of the global factors --------------------
+    send_indices = False  # whether the chosen channel indices travel with the factors
+
+    def indices(self, rnd: int, cid: int, mod: str, k: int) -> torch.Tensor:
+        """The global channels client `cid` gets in module `mod`: the first k by default."""
+        return torch.arange(k)
+
+    def b_scale(self, k: int) -> float:
+        """Factor applied to the sliced B on the way down (1: send the global values)."""
+        return 1.0
+
+    def slice_messages(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
+        """Per client: A[I, :] (k, in) and B[:, I] (out, k) of every module for its channels I (one
+        index set for both factors of a module), the indices if `send_indices`, and the head."""
+        g, out = state["global"], {}
+        for cid in cids:
+            k, tensors = state["rank"][cid], {}
+            for mod in self.modules:
+                a, b = factor_keys(mod)
+                idx = self.indices(rnd, cid, mod, k)
+                tensors[a] = g[a][idx]  # (r, in) -> (k, in)
+                tensors[b] = g[b][:, idx] * self.b_scale(k)  # (out, r) -> (out, k); x * 1.0 is exact
+                if self.send_indices:
+                    tensors[index_key(mod)] = idx.to(index_dtype(self.r))
+            out[cid] = Message(tensors, kind="model")
+        return self.with_head(state, out)
 
     # -- the dense classification head (empty for language models) --------------------
     def with_head(self, state: ServerState, msgs: dict[int, Message]) -> dict[int, Message]:
