@@ -230,15 +230,42 @@ def test_split_vision_runs_one_small_round_per_method(method):
     assert ("server_flops" in hist[-1]) == (method not in ("fedavg-full", "ditto"))
 
 
-def test_fedv_round_schedule_takes_one_body_step_on_the_round_mean():
-    """Two local steps, two clients, SGD: 'step' moves the body by -lr * (g_1 + g_2) (two steps
-    on the per-step means), 'round' by -lr * (g_1 + g_2) / 2 (one step on their mean); with the
-    gradients evaluated at the round-start body both times, the displacements differ by 2x."""
-    moves = {}
-    for sched in ("step", "round"):
-        _, _, state, *_ = one_round(split_cfg("mlp", {"name": "fedv", "body_schedule": sched}))
-        from hetfl.scenario import build_scenario
+@pytest.mark.parametrize("schedule", ["step", "round"])
+def test_fedv_body_schedules_against_a_parallel_reference(schedule):
+    """Two clients, two SGD steps. 'step' runs in lockstep: step k of both clients sees body
+    version k, and the body takes one step per local step on the mean of both clients' body
+    gradients. 'round': the body stays at its round-start value during the round and then takes
+    one step on the mean of all four gradients. Recomputed here with each client's own copy
+    of its part and one shared body."""
+    from torch.func import functional_call
 
-        w0 = build_scenario(split_cfg("mlp")).model.blocks[0].fc.weight
-        moves[sched] = state["global"]["blocks.0.fc.weight"] - w0
-    assert torch.allclose(moves["step"], 2 * moves["round"], atol=1e-7)
+    from hetfl.scenario import build_scenario
+
+    cfg = split_cfg("mlp", {"name": "fedv", "body_schedule": schedule})
+    ref = build_scenario(cfg).model
+    _, m, state, replies, ctxs, sc = one_round(cfg)
+    assert m.lockstep == (schedule == "step")
+    init = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    client_names, lr = set(m.client_names(0)), 0.05
+    body = {n: t for n, t in init.items() if n not in client_names}
+    mine = {c: {n: t.clone() for n, t in init.items() if n in client_names} for c in ctxs}
+    batches = {c: list(sc.task.batches(ctxs[c].data, 2, B, generator(cfg.seed, 1, c, "batches"))) for c in ctxs}
+    body_grads = []
+    for k in range(2):
+        for c in sorted(ctxs):
+            params = {n: t.clone().requires_grad_(True) for n, t in {**body, **mine[c]}.items()}
+            loss = torch.nn.functional.cross_entropy(functional_call(ref, params, (batches[c][k],)),
+                                                     batches[c][k]["labels"])
+            loss.backward()
+            mine[c] = {n: (params[n] - lr * params[n].grad).detach() for n in mine[c]}
+            body_grads.append({n: params[n].grad for n in body})
+        if schedule == "step":
+            body = {n: body[n] - lr * sum(g[n] for g in body_grads) / len(body_grads) for n in body}
+            body_grads = []
+    if schedule == "round":
+        body = {n: body[n] - lr * sum(g[n] for g in body_grads) / len(body_grads) for n in body}
+    w = {c: replies[c].meta["num_examples"] for c in ctxs}
+    for n, t in state["global"].items():
+        expected = body[n] if n in body else sum(mine[c][n] * w[c] for c in ctxs) / sum(w.values())
+        assert torch.allclose(t, expected, atol=1e-6), n
+    assert not torch.equal(state["global"]["blocks.0.fc.weight"], init["blocks.0.fc.weight"])

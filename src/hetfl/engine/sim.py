@@ -41,14 +41,38 @@ class SimulatedBackend:
         msgs = {cid: self.link.send(DOWN, rnd, cid, down[cid].kind or "model", down[cid]) for cid in cids}
         if self.selector is not None:
             self.select(rnd, cids, ctxs, msgs)
+        active = [cid for cid in cids if ctxs[cid].data]  # an empty coreset: the client skips training
+        if getattr(self.method, "lockstep", False):
+            return self.run_lockstep(rnd, active, msgs, ctxs), ctxs
         replies = {}
-        for cid in cids:
-            if not ctxs[cid].data:  # the selection kept nothing: this client skips training
-                continue
+        for cid in active:
             torch.manual_seed(derive_seed(self.scenario.cfg.seed, rnd, cid, "torch"))  # dropout etc.
             reply = self.method.client_update(msgs[cid], ctxs[cid])
             replies[cid] = self.link.send(UP, rnd, cid, reply.kind or "update", reply)
         return replies, ctxs
+
+    def run_lockstep(self, rnd: int, cids: list[int], msgs: dict[int, Message],
+                     ctxs: dict[int, ClientContext]) -> dict[int, Message]:
+        """Synchronous local steps: every client takes step k, then the server's barrier(k) runs.
+
+        For methods whose server updates a shared part once per step on all clients' gradients
+        (FedV's body): `client_steps` is a generator yielding after each local step, so the
+        clients advance together as they would in parallel on separate devices.
+        """
+        steps = {cid: self.method.client_steps(msgs[cid], ctxs[cid]) for cid in cids}
+        replies, k = {}, 0
+        while steps:
+            for cid in list(steps):
+                torch.manual_seed(derive_seed(self.scenario.cfg.seed, rnd, cid, "torch", k))
+                try:
+                    next(steps[cid])
+                except StopIteration as done:
+                    replies[cid] = self.link.send(UP, rnd, cid, done.value.kind or "update", done.value)
+                    del steps[cid]
+            if steps:
+                self.method.barrier(rnd, k)
+            k += 1
+        return replies
 
     def select(self, rnd: int, cids: list[int], ctxs: dict[int, ClientContext], msgs: dict[int, Message]) -> None:
         """Run the selection stage: summaries up, decisions down, each client's data cut to its coreset."""

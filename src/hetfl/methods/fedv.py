@@ -9,13 +9,11 @@ Per local step and client (B samples, T tokens, width D; spec/fedv.md section 2)
     up   grad_outputs (B, T, D)      down grad_cut (B, T, D)
 
 Server body schedule: the paper's clients run in parallel and the body takes one step per
-local step on the gradient averaged over the round's clients (per sample: one big batch). The
-simulator runs clients one after another, so every client sees the round-start body, the
-server accumulates step k's body gradients over all clients, and at round end takes the
-`local_steps` optimiser steps in order. With `train.local_steps: 1` this is exactly the
-synchronous schedule; for more steps the body gradients of step k are evaluated at the
-round-start body (a one-round delay). `body_schedule: round` instead takes one body step per
-round on the gradient averaged over all of the round's samples (spec's alternative schedule).
+local step on the gradient averaged over the round's clients (per sample: one big batch). With
+`body_schedule: step` the method asks the backend for lockstep: every client takes local step
+k against body version k, then `barrier(k)` applies the body step, exactly the synchronous
+schedule. `body_schedule: round` instead takes one body step per round on the gradient
+averaged over all of the round's samples (the spec's alternative; clients run one by one).
 """
 
 from __future__ import annotations
@@ -43,12 +41,20 @@ class FedVConfig(SplitConfig):
 
 @register_method("fedv", FedVConfig, "FedV: U-shaped split learning, shared server body with exact gradients")
 class FedV(SplitMethod):
+    @property
+    def lockstep(self) -> bool:
+        return self.mcfg.body == "train" and self.mcfg.body_schedule == "step"
+
     # -- server ----------------------------------------------------------------------------
     def begin_round(self, state: ServerState, rnd: int, cids: list[int]) -> None:
         train = self.mcfg.body == "train"
         body = set().union(*(self.layout.body(self.cuts[c]) for c in cids))
+        trained = []
         for n, p in self.server_model.named_parameters():
             p.requires_grad_(train and n in body)
+            if train and n in body:
+                trained.append(p)
+        self.body_opt = make_optimizer(trained, self.cfg) if trained else None  # one per round, like a client's
         self.pending: dict[int, tuple] = {}
         self.step_of: dict[int, int] = defaultdict(int)
         self.acc: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)  # step -> name -> sum of B * grad
@@ -80,23 +86,26 @@ class FedV(SplitMethod):
             return Message({"g": z.grad}, kind="grad_cut")
         raise ValueError(f"fedv server: unknown message kind {kind!r}")
 
+    def barrier(self, rnd: int, k: int) -> None:
+        """Every client has finished step k: one body step on the step's sample-weighted mean."""
+        if self.body_opt is not None and k in self.acc:
+            self._body_step([k])
+
     def end_round(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> None:
-        if self.mcfg.body != "train" or not self.acc:
-            return
+        if self.body_opt is not None and self.acc:  # "round": one step on every sample's mean
+            self._body_step(sorted(self.acc))
+        for p in self.server_model.parameters():
+            p.requires_grad_(False)
+
+    def _body_step(self, steps: list[int]) -> None:
         params = dict(self.server_model.named_parameters())
-        trained = sorted(set().union(*(a.keys() for a in self.acc.values())))
-        opt = make_optimizer([params[n] for n in trained], self.cfg)
-        groups = [[k] for k in sorted(self.acc)] if self.mcfg.body_schedule == "step" else [sorted(self.acc)]
-        for ks in groups:  # "round": one step on the gradient averaged over every sample of the round
-            seen = sum(self.seen[k] for k in ks)
-            for n in trained:
-                parts = [self.acc[k][n] for k in ks if n in self.acc[k]]
-                params[n].grad = sum(parts) / seen if parts else None
-            opt.step()
-        for n in trained:
-            params[n].grad = None
-            params[n].requires_grad_(False)
-        self.acc.clear()
+        seen = sum(self.seen[k] for k in steps)
+        for n in set().union(*(self.acc[k].keys() for k in steps)):
+            params[n].grad = sum(self.acc[k][n] for k in steps if n in self.acc[k]) / seen
+        self.body_opt.step()
+        self.body_opt.zero_grad(set_to_none=True)
+        for k in steps:
+            del self.acc[k]
 
     # -- client ----------------------------------------------------------------------------
     def client_step(self, ctx: ClientContext, cut: int, k: int, batch: dict) -> float:
@@ -116,9 +125,9 @@ class FedV(SplitMethod):
         return float(loss.detach())
 
     # -- personal tails --------------------------------------------------------------------
-    def client_params(self, ctx: ClientContext) -> dict[str, torch.nn.Parameter]:
+    def client_params(self, ctx: ClientContext, reload: bool = True) -> dict[str, torch.nn.Parameter]:
         params = super().client_params(ctx)
-        if self.mcfg.personal_tail and "tail" in ctx.state:  # the client's own tail replaces the global one
+        if reload and self.mcfg.personal_tail and "tail" in ctx.state:  # the client's own tail replaces the global one
             with torch.no_grad():
                 for n, t in ctx.state["tail"].items():
                     params[n].copy_(t)

@@ -177,25 +177,50 @@ class SplitMethod:
             for n, t in msg.tensors.items():
                 params[n].copy_(t)
 
+    lockstep = False  # True: the backend advances all clients one local step at a time (`barrier`)
+
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
+        steps = self.client_steps(msg, ctx)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def client_steps(self, msg: Message, ctx: ClientContext):
+        """Local training as a generator that yields after every step and returns the upload.
+
+        Under lockstep the shared worker model serves other clients between two steps, so the
+        client's part (values; its optimiser state lives in its own optimiser) is parked here
+        across the yield and put back before the next step.
+        """
         self.load(msg, ctx)
         cut = ctx.knobs["cut"]
         params = self.client_params(ctx)
         opt = make_optimizer(list(params.values()), self.cfg)
-        ctx.model.train()
         losses = []
         t = self.cfg.train
         for k, batch in enumerate(ctx.task.batches(ctx.data, t.local_steps, t.batch_size, ctx.generator("batches"))):
+            ctx.model.train()
             opt.zero_grad(set_to_none=True)
             losses.append(self.client_step(ctx, cut, k, batch))
             opt.step()
+            if self.lockstep:
+                parked = {n: p.detach().clone() for n, p in params.items()}
+            yield k
+            if self.lockstep:
+                self.client_params(ctx, reload=False)  # this client's trainable set (cuts differ)
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(parked[n])
         opt.zero_grad(set_to_none=True)
         self.finish_client(ctx, params)
         up = {n: p.detach() - msg.tensors[n] for n, p in params.items() if n in self.uploaded(cut)}
         return Message(up, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: sum(losses) / len(losses)})
 
-    def client_params(self, ctx: ClientContext) -> dict[str, torch.nn.Parameter]:
-        """The client's trainable tensors (requires_grad on exactly these)."""
+    def client_params(self, ctx: ClientContext, reload: bool = True) -> dict[str, torch.nn.Parameter]:
+        """The client's trainable tensors (requires_grad on exactly these). `reload=False`:
+        only set the flags (subclasses that restore private parts skip that)."""
         names = set(self.client_names(ctx.knobs["cut"]))
         out = {}
         for n, p in ctx.model.named_parameters():
@@ -206,6 +231,9 @@ class SplitMethod:
 
     def uploaded(self, cut: int) -> tuple[str, ...]:
         return self.client_names(cut)
+
+    def barrier(self, rnd: int, k: int) -> None:
+        """Lockstep only: every client of the round has finished local step `k`."""
 
     def finish_client(self, ctx: ClientContext, params: dict) -> None:
         """Subclass hook: keep personal parts in `ctx.state` after local training."""
