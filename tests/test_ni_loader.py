@@ -61,3 +61,32 @@ def test_preprocessing_filters_long_inputs_small_tasks_and_samples_a_fifth(tmp_p
     assert all(r.output == "y" + r.input[1:] for r in rows)
     assert [r.input for r in rows] == sorted((r.input for r in rows), key=lambda s: int(s[1:]))  # file order
     assert rows == load_ni_tasks([big, small], seed=0)
+
+
+def test_a_folder_of_task_files_is_a_dataset_with_held_out_tasks(tmp_path):
+    """`data.name: <folder>` loads every task file (FedHDS preprocessing: 20% of each task's
+    instances), one category per task; `data.eval_categories` holds whole tasks out."""
+    from hetfl.config import load_config
+    from hetfl.scenario import build_scenario
+
+    for t in range(3):
+        write_task(tmp_path / f"task00{t}_x.json", [f"Definition {t}."],
+                   [{"input": f"in {t} {i}", "output": [f"out {i}"]} for i in range(25)])
+    cfg = load_config({
+        "model": {"name": "tiny-llama-random"},
+        "data": {"name": str(tmp_path), "eval_categories": ["task002_x"], "partition": "task-per-client",
+                 "eval_samples": 10},
+        "population": {"num_clients": 2, "clients_per_round": 1},
+    })
+    sc = build_scenario(cfg)
+    assert sc.categories == ["task000_x", "task001_x"]
+    assert sorted(len(d) for d in sc.client_data) == [5, 5]  # 20% of 25 per task, one task per client
+    assert [e.category for e in sc.task.eval_examples] == ["task002_x"] * 5  # its 5 sampled instances
+
+
+def test_a_folder_without_task_files_is_one_line_error(tmp_path):
+    from hetfl.config import load_config
+    from hetfl.scenario import build_scenario
+
+    with pytest.raises(DataError, match=r"no Natural Instructions task files"):
+        build_scenario(load_config({"model": {"name": "tiny-llama-random"}, "data": {"name": str(tmp_path)}}))

@@ -132,7 +132,7 @@ def _instruction_examples(cfg) -> tuple[list[Example], list[Example]]:
                                             instruct.HELDOUT_FAMILIES)
         rng = np.random.default_rng(derive_seed(cfg.seed, "data", "eval-pick"))
         return train, [held[i] for i in sorted(rng.permutation(len(held))[: d.eval_samples])]
-    rows = instruct.load_instruction_file(d.name)
+    rows = _load_rows(d.name, cfg.seed)
     if d.eval_categories:
         missing = set(d.eval_categories) - {r.category for r in rows}
         if missing:
@@ -148,6 +148,28 @@ def _instruction_examples(cfg) -> tuple[list[Example], list[Example]]:
     if not train or not held:
         raise ConfigError(f"data.name: {d.name} has too few rows for a train and an eval split")
     return train, held
+
+
+def _load_rows(name: str, seed: int) -> list:
+    """Rows of a local instruction file, or of every Natural Instructions task file in a folder
+    (preprocessed as FedHDS does: spec/fedhds.md section 5; the task name is the category)."""
+    from pathlib import Path
+
+    from hetfl.data import instruct
+    from hetfl.data.natural_instructions import load_ni_tasks
+    from hetfl.engine.api import derive_seed
+    from hetfl.errors import DataError
+
+    folder = Path(name)
+    if not folder.is_dir():
+        return instruct.load_instruction_file(name)
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise DataError(f"{name}: no Natural Instructions task files (*.json) in this folder")
+    rows = load_ni_tasks(files, seed=derive_seed(seed, "data", "ni-sample"))
+    if not rows:
+        raise DataError(f"{name}: every task has fewer than 20 instances with inputs under 1024 characters")
+    return rows
 
 
 def build_instruct(cfg):
