@@ -1,11 +1,17 @@
 """The Link every client<->server message crosses, and the Ledger that counts it.
 
 Communication figures are measured here, from the encoded tensors, never estimated by a method.
+Which codec a message gets is resolved per message, most specific first:
+
+    per-client override (`link.set_codec(cid, kind, name)`, set by a method at run time)
+    > `comm.by_kind[kind]`
+    > the direction default (`comm.up` / `comm.down`)
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hetfl.comm.codecs import make_codec
@@ -22,6 +28,7 @@ class Entry:
     kind: str
     nbytes: int
     sq_error: float
+    codec: str = ""  # name of the codec the message was sent with
 
 
 class Ledger:
@@ -54,34 +61,81 @@ class Ledger:
 
 
 class Link:
-    """Applies the configured codec per direction and records every message's bytes.
+    """Applies the resolved codec to every message and records its bytes.
 
     Args:
-        up: codec name for client -> server.
-        down: codec name for server -> client.
+        up: default codec name for client -> server.
+        down: default codec name for server -> client.
         ledger: where byte counts go.
-        seed: root seed; stochastic codecs draw from (seed, round, client, direction, kind).
+        seed: root seed; stochastic codecs draw from (seed, round, client, direction, kind, call).
+        by_kind: message kind -> codec name, overriding the direction default for that kind
+            (`comm.by_kind`, e.g. {"activations": "sq8", "grad_cut": "fp16"}).
+
+    Raises:
+        ConfigError: naming `comm.up`, `comm.down` or `comm.by_kind.<kind>` for an unknown codec.
     """
 
-    def __init__(self, up: str, down: str, ledger: Ledger, seed: int):
-        self.codecs = {UP: make_codec(up, "comm.up"), DOWN: make_codec(down, "comm.down")}
+    def __init__(self, up: str, down: str, ledger: Ledger, seed: int, *, by_kind: Mapping[str, str] | None = None):
+        self.defaults = {UP: up, DOWN: down}
+        self.by_kind = dict(by_kind or {})
         self.ledger = ledger
         self.seed = seed
         self._calls: dict[tuple, int] = defaultdict(int)
+        self._overrides: dict[tuple[int, str], str] = {}  # (cid, kind) -> codec name
+        self._codecs: dict[str, object] = {}  # codec instances by name (codecs are stateless)
+        self._codec(up, "comm.up")  # fail at construction, naming the key, not at the first message
+        self._codec(down, "comm.down")
+        for kind, name in self.by_kind.items():
+            self._codec(name, f"comm.by_kind.{kind}")
+
+    @property
+    def codecs(self) -> dict[str, object]:
+        """The direction defaults' codec instances (kept for callers of the old attribute)."""
+        return {d: self._codecs[n] for d, n in self.defaults.items()}
+
+    def _codec(self, name: str, key: str):
+        if name not in self._codecs:
+            self._codecs[name] = make_codec(name, key)
+        return self._codecs[name]
+
+    def set_codec(self, cid: int, kind: str, name: str) -> None:
+        """Send client `cid`'s messages of `kind` (both directions) with codec `name` from now on.
+
+        Raises:
+            ConfigError: if `name` is not a codec (the message names the client and kind).
+        """
+        self._codec(name, f"codec for client {cid}, message kind {kind!r}")
+        self._overrides[(cid, kind)] = name
+
+    def clear_codecs(self, cid: int | None = None) -> None:
+        """Drop the per-client overrides of one client, or of all clients (`cid=None`)."""
+        if cid is None:
+            self._overrides.clear()
+        else:
+            for k in [k for k in self._overrides if k[0] == cid]:
+                del self._overrides[k]
+
+    def codec_name(self, direction: str, cid: int, kind: str) -> str:
+        """The codec a message of `kind` from/to `cid` in `direction` is sent with."""
+        name = self._overrides.get((cid, kind))
+        if name is None:
+            name = self.by_kind.get(kind, self.defaults[direction])
+        return name
 
     def send(self, direction: str, rnd: int, cid: int, kind: str, msg: Message) -> Message:
         """Encode, count and decode `msg`; returns what the receiver sees."""
         n = self._calls[(rnd, cid, direction, kind)]
         self._calls[(rnd, cid, direction, kind)] = n + 1
         gen = generator(self.seed, rnd, cid, direction, kind, n)
-        codec = self.codecs[direction]
+        name = self.codec_name(direction, cid, kind)
+        codec = self._codecs[name]
         tensors, nbytes, err = {}, msg.meta_nbytes(), 0.0
-        for name, t in msg.tensors.items():
+        for tname, t in msg.tensors.items():
             enc = codec.roundtrip(t, gen)
-            tensors[name] = enc.tensor
+            tensors[tname] = enc.tensor
             nbytes += enc.nbytes
             err += enc.sq_error
-        self.ledger.record(Entry(rnd, cid, direction, kind, nbytes, err))
+        self.ledger.record(Entry(rnd, cid, direction, kind, nbytes, err, name))
         return Message(tensors, dict(msg.meta), kind)
 
     def reset_round(self, rnd: int) -> None:
