@@ -82,3 +82,15 @@ def test_parse_override():
     assert parse_override("a=fp16") == ("a", "fp16")
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_override("rounds")
+
+
+def test_epochs_set_local_steps_from_the_clients_data():
+    from hetfl.config import TrainConfig
+
+    t = TrainConfig(local_steps=7, batch_size=4)
+    assert [t.steps_for(n) for n in (1, 10, 100)] == [7, 7, 7]  # epochs 0: fixed local_steps
+    t = TrainConfig(local_steps=7, batch_size=4, epochs=1)
+    assert [t.steps_for(n) for n in (1, 4, 5, 23)] == [1, 1, 2, 6]  # ceil(n / 4)
+    assert TrainConfig(batch_size=4, epochs=2.5).steps_for(8) == 5
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config({"train": {"epochs": -1}})

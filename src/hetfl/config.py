@@ -9,6 +9,7 @@ config class, looked up in the registry by `method.name`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class DataConfig:
     alpha: float = 0.5
     k: int = 2
     max_len: int = 96
+    clusters: int = 0  # latent client clusters (client i in cluster i mod C); 0: none
+    cluster_shift: Literal["none", "rotate", "label-shift"] = "none"  # the concept shift per cluster
+    fraction: float = 1.0  # share of each client's training split kept (at least 10 samples)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.samples_per_family < 1:
@@ -50,6 +54,12 @@ class DataConfig:
             yield "k", "must be >= 1"
         if self.max_len < 16:
             yield "max_len", "must be >= 16"
+        if self.clusters < 0:
+            yield "clusters", "must be >= 0 (0: no clusters)"
+        if self.cluster_shift != "none" and self.clusters < 1:
+            yield "cluster_shift", f"'{self.cluster_shift}' needs data.clusters >= 1"
+        if not 0.0 < self.fraction <= 1.0:
+            yield "fraction", "must be in (0, 1]"
 
 
 @dataclass(frozen=True)
@@ -78,8 +88,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     local_steps: int = 10
     batch_size: int = 8
+    epochs: float = 0.0  # > 0: local passes over the client's (selected) data instead of local_steps
+
+    def steps_for(self, num_samples: int) -> int:
+        """Local optimiser steps for a client holding `num_samples` samples this round."""
+        if self.epochs <= 0:
+            return self.local_steps
+        return max(1, math.ceil(self.epochs * num_samples / self.batch_size))
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if self.epochs < 0:
+            yield "epochs", "must be >= 0 (0: use local_steps)"
         if self.lr <= 0:
             yield "lr", "must be > 0"
         if not 0.0 <= self.momentum < 1.0:
@@ -120,6 +139,17 @@ class PopulationConfig:
 class CommConfig:
     up: str = "fp32"  # codec for client -> server messages
     down: str = "fp32"  # codec for server -> client messages
+    # message kind -> codec, overriding up/down for that kind, e.g. {activations: sq8, grad_cut: fp16}
+    by_kind: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        from hetfl.comm.codecs import codec_problem  # late: codecs import the registry
+
+        named = [("up", self.up), ("down", self.down)] + [(f"by_kind.{k}", v) for k, v in self.by_kind.items()]
+        for key, name in named:
+            problem = codec_problem(name)
+            if problem is not None:
+                yield key, problem
 
 
 @dataclass(frozen=True)
@@ -136,6 +166,70 @@ class EvalConfig:
             yield "max_new_tokens", "must be >= 1"
         if self.batch_size < 1:
             yield "batch_size", "must be >= 1"
+
+
+@dataclass(frozen=True)
+class WirelessConfig:
+    """Wireless edge system for split learning (system/wireless.py, system/allocate.py).
+
+    Sources: [TR36.814] 3GPP TR 36.814 v9.0.0 Annex A.2.1 (evaluation assumptions: macro-cell
+    path loss 128.1 + 37.6 log10(R km) at 2 GHz, 8 dB log-normal shadowing, 35 m minimum
+    distance, 500 m inter-site distance, 46 dBm BS power per 10 MHz, UE noise figure 9 dB, BS
+    5 dB); [TS36.101] 3GPP TS 36.101 UE power class 3 (23 dBm); [kT] thermal noise density
+    k*290 K = 4.0e-21 W/Hz = -174 dBm/Hz; [Est] order-of-magnitude choice.
+    """
+
+    enabled: bool = False  # cost every method's rounds with this model (Shannon rates) instead of fixed link rates
+    bandwidth_hz: float = 10e6  # uplink band of EACH edge server, shared by its devices; LTE carrier [TS36.101]
+    down_bandwidth_hz: float = 10e6  # downlink band of each server, split equally among its devices
+    down_rate_bps: float = 0.0  # > 0: a fixed downlink rate per device instead of the Shannon rate
+    server_power_w: float = 40.0  # server (base station) transmit power: 46 dBm per 10 MHz [TR36.814]
+    noise_dbm_hz: float = -174.0  # noise power spectral density N0 [kT]
+    noise_figure_db: float = 0.0  # receiver noise figure added to N0 (5 dB at a BS [TR36.814]; 0 as in most FL papers)
+    p_max_w: float = 0.2  # device transmit power limit, 23 dBm [TS36.101]
+    path_loss_db_1km: float = 128.1  # path loss at 1 km, dB [TR36.814]
+    path_loss_slope_db: float = 37.6  # dB per decade of distance [TR36.814]
+    shadowing_db: float = 8.0  # std of log-normal shadowing, dB [TR36.814]
+    # device-server distance range, uniform: [TR36.814] 35 m minimum, half the 500 m inter-site distance
+    distance_m: tuple[float, ...] = (35.0, 250.0)
+    num_servers: int = 1  # edge servers M, each with its own band and compute
+    assignment: Literal["nearest", "random", "optimize"] = "nearest"  # device -> server
+    server_flops_per_s: float = 1e13  # per server, shared equally by its devices [Est] ~half an A100's fp32 peak
+    lam: float = 0.5  # objective lam*T + (1 - lam)*sum_k E_k (seconds and joules)
+    bits: tuple[int, ...] = (2, 4, 8, 16, 32)  # candidate activation bit-widths (32 = lossless fp32)
+    epsilon: float | None = None  # bound on d (M-m)^2 / (4 (2^q-1)^2) per device and batch; None: no bound
+    mode: Literal["optimize", "equal-bandwidth", "max-power", "fixed-bits", "fixed"] = "optimize"
+    fixed_bits: int = 8  # bit-width for every device in modes fixed-bits and fixed (fixed: equal bands, full power too)
+    allocate_every: Literal["once", "round"] = "once"  # solve once, or for every round's cohort
+    max_latency_factor: float = 10.0  # the optimiser considers round latencies up to this x the fastest feasible
+    max_iters: int = 20  # block-coordinate-descent iterations
+    tol: float = 1e-6  # stop when the objective improves by less than this fraction
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for key in ("bandwidth_hz", "down_bandwidth_hz", "server_power_w", "p_max_w", "server_flops_per_s", "tol"):
+            if not getattr(self, key) > 0:
+                yield key, "must be > 0"
+        if self.down_rate_bps < 0:
+            yield "down_rate_bps", "must be >= 0"
+        if self.shadowing_db < 0:
+            yield "shadowing_db", "must be >= 0"
+        if len(self.distance_m) != 2 or not 0 < self.distance_m[0] <= self.distance_m[1]:
+            yield "distance_m", "must be [min, max] with 0 < min <= max"
+        if self.num_servers < 1:
+            yield "num_servers", "must be >= 1"
+        if not 0.0 <= self.lam <= 1.0:
+            yield "lam", "must be in [0, 1]"
+        valid_bits = set(range(1, 17)) | {32}
+        if not self.bits or any(b not in valid_bits for b in self.bits):
+            yield "bits", "must be a non-empty list of bit-widths in 1..16 or 32"
+        if self.fixed_bits not in valid_bits:
+            yield "fixed_bits", "must be in 1..16 or 32"
+        if self.epsilon is not None and not self.epsilon > 0:
+            yield "epsilon", "must be > 0 (or null for no bound)"
+        if self.max_latency_factor < 1:
+            yield "max_latency_factor", "must be >= 1"
+        if self.max_iters < 1:
+            yield "max_iters", "must be >= 1"
 
 
 @dataclass(frozen=True)
@@ -168,6 +262,7 @@ class Config:
     population: PopulationConfig = field(default_factory=PopulationConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    wireless: WirelessConfig = field(default_factory=WirelessConfig)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.rounds < 1:

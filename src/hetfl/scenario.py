@@ -46,6 +46,7 @@ class TaskData:
     samples: list
     labels: np.ndarray
     categories: list[str]
+    cluster_transform: Any = None  # (samples, cluster) -> samples: a dataset's own per-cluster map
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Scenario:
     categories: list[str]
     population: Population
     client_test: list[list] | None = None  # per client: local test samples (per-client evaluation)
+    client_clusters: list[int] | None = None  # per client: latent cluster id (data.clusters > 0)
 
     @property
     def num_clients(self) -> int:
@@ -75,8 +77,10 @@ def build_population(cfg: Config) -> Population:
 
 
 def dataset_kind(name: str) -> str:
-    """Registry key for `data.name`: local instruction files share one builder."""
-    return "instruct-file" if Path(name).suffix in (".json", ".jsonl") else name
+    """Registry key for `data.name`: local instruction files (Alpaca/Dolly .json/.jsonl, or a
+    folder of Natural Instructions task files) share one builder."""
+    p = Path(name)
+    return "instruct-file" if p.suffix in (".json", ".jsonl") or p.is_dir() else name
 
 
 def build_scenario(cfg: Config) -> Scenario:
@@ -101,10 +105,34 @@ def build_scenario(cfg: Config) -> Scenario:
             client_test.append([td.samples[i] for i in sorted(idx[:n_test])])
             train_parts.append(np.sort(idx[n_test:]))
         parts = train_parts
+    if cfg.data.fraction < 1.0:  # reduced-data variants: keep a share of each training split
+        from hetfl.data.clusters import keep_fraction
+
+        frac_rng = np.random.default_rng(derive_seed(cfg.seed, "data-fraction"))
+        parts = [keep_fraction(idx, cfg.data.fraction, frac_rng) for idx in parts]
     client_data = [[td.samples[i] for i in idx] for idx in parts]
     client_labels = [[int(td.labels[i]) for i in idx] for idx in parts]
     empty = [c for c, d in enumerate(client_data) if not d]
     if empty:
         raise ConfigError(f"data.partition: clients {empty[:5]} received no data; use fewer clients or more samples")
+    clusters = None
+    if cfg.data.clusters > 0 or td.cluster_transform is not None:
+        client_data, client_test, clusters = _apply_clusters(cfg, td, client_data, client_test)
     return Scenario(cfg, td.model, td.tokenizer, td.task, client_data, client_labels, td.categories, population,
-                    client_test)
+                    client_test, clusters)
+
+
+def _apply_clusters(cfg: Config, td: TaskData, client_data, client_test):
+    """Map every client's train and test samples through its cluster's concept shift."""
+    from hetfl.data.clusters import apply_clusters, cluster_of, shift_transform
+
+    if cfg.data.clusters < 1:
+        raise ConfigError(f"data.clusters: {cfg.data.name} is a clustered dataset; set data.clusters >= 1")
+    if td.cluster_transform is not None and cfg.data.cluster_shift != "none":
+        raise ConfigError(f"data.cluster_shift: {cfg.data.name} defines its own clusters; leave it at 'none'")
+    transform = td.cluster_transform or shift_transform(cfg.data.cluster_shift, len(td.categories))
+    if transform is not None:
+        client_data = apply_clusters(client_data, cfg.data.clusters, transform)
+        if client_test is not None:
+            client_test = apply_clusters(client_test, cfg.data.clusters, transform)
+    return client_data, client_test, [cluster_of(c, cfg.data.clusters) for c in range(len(client_data))]

@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
         raw = read_yaml(resolve_preset(n))
         t.add_row(n, str(raw.get("method", {}).get("name", "fedit")), str(raw.get("description", "")))
     con.print(t)
-    con.print("codecs: " + ", ".join(CODECS.names()))
+    from hetfl.comm.codecs import QUANT_NAMES
+
+    con.print("codecs: " + ", ".join(CODECS.names()) + ", " + QUANT_NAMES)
     t = Table(title="device tiers")
     for col in ("tier", "GFLOP/s", "memory MB", "up Mbit/s", "down Mbit/s", "tx W", "CPU GHz", "kappa"):
         t.add_column(col)

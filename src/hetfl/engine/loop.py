@@ -74,8 +74,15 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
 
     cfg: Config = scenario.cfg
     ledger = Ledger()
-    link = Link(cfg.comm.up, cfg.comm.down, ledger, cfg.seed)
+    link = Link(cfg.comm.up, cfg.comm.down, ledger, cfg.seed, by_kind=cfg.comm.by_kind)
+    if hasattr(method, "attach_link"):  # methods that choose per-client codecs (e.g. bits per device)
+        method.attach_link(link)
     selector = build_selector(cfg)
+    wireless = None
+    if cfg.wireless.enabled:
+        from hetfl.system.cost import WirelessCost
+
+        wireless = WirelessCost(cfg.wireless, scenario.num_clients, cfg.seed)
     backend = SimulatedBackend(scenario, method, link, order=order, selector=selector)
     state = method.setup(scenario)
     knobs, mem = plan_population(method, scenario)
@@ -103,10 +110,17 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         replies, ctxs = backend.run_round(rnd, down, knobs, mem)
         state = method.aggregate(state, rnd, replies)
 
-        rows, costs = [], {}
+        rows = []
+        ups = {c: ledger.bytes(rnd=rnd, cid=c, direction=UP) for c in cids}
+        downs = {c: ledger.bytes(rnd=rnd, cid=c, direction=DOWN) for c in cids}
+        if wireless is not None:  # Shannon rates from each client's bandwidth, power and channel
+            costs = wireless.costs(cids, {c: ctxs[c].device for c in cids}, {c: ctxs[c].flops for c in cids}, ups,
+                                   downs, getattr(method, "server_flops_by_client", {}),
+                                   method.radio(rnd, cids) if hasattr(method, "radio") else None)
+        else:
+            costs = {c: client_cost(ctxs[c].device, ctxs[c].flops, ups[c], downs[c]) for c in cids}
         for cid in cids:
-            ctx, up, dn = ctxs[cid], ledger.bytes(rnd=rnd, cid=cid, direction=UP), ledger.bytes(rnd=rnd, cid=cid, direction=DOWN)
-            c = costs[cid] = client_cost(ctx.device, ctx.flops, up, dn)
+            ctx, up, dn, c = ctxs[cid], ups[cid], downs[cid], costs[cid]
             meta = replies[cid].meta if cid in replies else {}  # absent: skipped (empty coreset)
             rows.append({
                 "round": rnd, "client": cid, "tier": scenario.population.tiers[cid],
@@ -114,7 +128,9 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
                 "num_examples": meta.get(NUM_EXAMPLES, 0),
                 "train_loss": round(float(meta.get(TRAIN_LOSS, float("nan"))), 6),
                 "bytes_up": up, "bytes_down": dn, "flops": int(ctx.flops), "t_comp_s": c.t_comp, "t_up_s": c.t_up,
-                "t_down_s": c.t_down, "sim_time_s": c.time_s, "energy_j": c.energy_j, "mem_mb": round(ctx.mem_bytes / MIB, 3),
+                "t_down_s": c.t_down, "t_server_s": c.t_server, "sim_time_s": c.time_s, "energy_j": c.energy_j,
+                "mem_mb": round(ctx.mem_bytes / MIB, 3),
+                **(method.client_row(rnd, cid) if hasattr(method, "client_row") else {}),  # e.g. the allocation
             })
         if hasattr(method, "observe"):  # e.g. adaptive per-client budgets from observed cost
             method.observe(state, rnd, costs)

@@ -43,7 +43,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: Config) -> torch.o
 
 
 def local_train(ctx: ClientContext, params: list[torch.nn.Parameter], cfg: Config, flop_tag: tuple = ()) -> float:
-    """Run `train.local_steps` optimiser steps of the task loss on the client's data.
+    """Run `train.local_steps` optimiser steps (or `train.epochs` passes) of the task loss on the client's data.
 
     The optimiser is created fresh each round (no optimiser state leaves or persists).
     Returns the mean training loss over the steps.
@@ -52,7 +52,7 @@ def local_train(ctx: ClientContext, params: list[torch.nn.Parameter], cfg: Confi
     model.train()
     opt = make_optimizer(params, cfg)
     losses = []
-    for batch in task.batches(ctx.data, cfg.train.local_steps, cfg.train.batch_size, ctx.generator("batches")):
+    for batch in task.batches(ctx.data, cfg.train.steps_for(len(ctx.data)), cfg.train.batch_size, ctx.generator("batches")):
         def step():
             loss = task.loss(model, batch)
             loss.backward()

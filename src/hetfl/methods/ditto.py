@@ -55,7 +55,7 @@ class Ditto(ParamAveraging):
                 p.copy_(personal[k])
         opt = make_optimizer(list(params.values()), self.cfg)
         t, lam = self.cfg.train, self.mcfg.lam
-        steps = self.mcfg.personal_steps or t.local_steps
+        steps = self.mcfg.personal_steps or t.steps_for(len(ctx.data))
         for batch in ctx.task.batches(ctx.data, steps, t.batch_size, ctx.generator("ditto-personal")):
             def step():
                 prox = sum(((p - w[k]) ** 2).sum() for k, p in params.items())

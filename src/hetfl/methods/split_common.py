@@ -150,6 +150,7 @@ class SplitMethod:
     # -- round ---------------------------------------------------------------------------
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
         self.meter.flops = 0.0
+        self.server_flops_by_client: dict[int, float] = {}
         self.round_cids = list(cids)
         with torch.no_grad():  # the server copy starts every round at the global model
             for n, p in self.server_model.named_parameters():
@@ -166,7 +167,13 @@ class SplitMethod:
         return True
 
     def server_handler(self, rnd: int):
-        return self.serve
+        def handle(cid: int, kind: str, msg: Message) -> Message:
+            before = self.meter.flops  # server FLOPs per client: its share of the server's time
+            reply = self.serve(cid, kind, msg)
+            self.server_flops_by_client[cid] = self.server_flops_by_client.get(cid, 0.0) + self.meter.flops - before
+            return reply
+
+        return handle
 
     def serve(self, cid: int, kind: str, msg: Message) -> Message:
         raise NotImplementedError
@@ -200,7 +207,7 @@ class SplitMethod:
         opt = make_optimizer(list(params.values()), self.cfg)
         losses = []
         t = self.cfg.train
-        for k, batch in enumerate(ctx.task.batches(ctx.data, t.local_steps, t.batch_size, ctx.generator("batches"))):
+        for k, batch in enumerate(ctx.task.batches(ctx.data, t.steps_for(len(ctx.data)), t.batch_size, ctx.generator("batches"))):
             ctx.model.train()
             opt.zero_grad(set_to_none=True)
             losses.append(self.client_step(ctx, cut, k, batch))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetfl.engine.api import ServerState, generator
+from hetfl.engine.api import Message, ServerState, generator
 from hetfl.methods.common import make_optimizer
 from hetfl.methods.split_common import SplitConfig, SplitFedBase
 from hetfl.registry import register_method
@@ -40,3 +40,45 @@ class SplitFedV2(SplitFedBase):
         if not self.order or self.order[-1] != cid:
             self.order.append(cid)
         return self.opt
+
+
+@dataclass(frozen=True)
+class VanillaSLConfig(SplitConfig):
+    name: str = "sl-vanilla"
+
+
+@register_method("sl-vanilla", VanillaSLConfig, "Vanilla split learning: clients in turn, the client part relayed")
+class VanillaSL(SplitFedV2):
+    """Vanilla (sequential) split learning (Gupta & Raskar 2018; the "SL" baseline of SplitFed):
+    one server model as in V2, and no averaging of client parts either: each client starts from
+    the part the previous client finished with, relayed through the server (a `model` message
+    down when its turn comes, a `handoff` up when it is done, both on the ledger)."""
+
+    def begin_round(self, state: ServerState, rnd: int, cids: list[int]) -> None:
+        super().begin_round(state, rnd, cids)
+        # the global client part is the last handoff of the previous round (see aggregate)
+        self.relay = {n: state["global"][n].clone() for n in self.layout.head(self.layout.num_blocks - 1)}
+
+    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
+        super().configure(state, rnd, cids)
+        return {cid: Message(kind="turn") for cid in cids}  # the client part comes at its turn
+
+    def serve(self, cid: int, kind: str, msg: Message) -> Message:
+        names = self.client_names(self.cuts[cid])
+        if kind == "fetch":
+            return Message({n: self.relay[n] for n in names}, kind="model")
+        if kind == "handoff":
+            self.relay.update({n: msg.tensors[n].clone() for n in names})
+            return Message(kind="ack")
+        return super().serve(cid, kind, msg)
+
+    def client_update(self, msg: Message, ctx) -> Message:
+        start = ctx.server.call("fetch", Message(kind="fetch"))
+        reply = super().client_update(start, ctx)
+        ctx.server.call("handoff", Message({n: start.tensors[n] + d for n, d in reply.tensors.items()}, kind="handoff"))
+        return Message({}, reply.meta)
+
+    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        state = super().aggregate(state, rnd, replies)
+        state["global"].update({n: t.clone() for n, t in self.relay.items()})
+        return state

@@ -35,11 +35,12 @@ class Cost:
     t_down: float = 0.0
     e_comp: float = 0.0
     e_tx: float = 0.0
+    t_server: float = 0.0  # time the client waits for server compute (split learning)
 
     @property
     def time_s(self) -> float:
-        """Wall time, computing and communicating one after the other (no overlap)."""
-        return self.t_comp + self.t_up + self.t_down
+        """Wall time, computing, waiting and communicating one after the other (no overlap)."""
+        return self.t_comp + self.t_up + self.t_down + self.t_server
 
     @property
     def energy_j(self) -> float:
@@ -55,6 +56,7 @@ class Cost:
             t_down=self.t_down + other.t_down,
             e_comp=self.e_comp + other.e_comp,
             e_tx=self.e_tx + other.e_tx,
+            t_server=self.t_server + other.t_server,
         )
 
     def __radd__(self, other: object) -> Cost:
@@ -113,3 +115,60 @@ def round_time(costs: Iterable[Cost]) -> float:
         ``max(c.time_s)``, or 0.0 when no client took part.
     """
     return max((c.time_s for c in costs), default=0.0)
+
+
+class WirelessCost:
+    """Client costs under the wireless model of system/wireless.py (`wireless.enabled: true`).
+
+    Uplink rates follow Shannon's formula from each client's bandwidth, power and channel gain
+    (path loss + shadowing, drawn once per run from the seed); the downlink is an equal share
+    of its server's band (or `down_rate_bps`); server compute is the server's FLOP/s shared
+    equally by the clients it serves this round. Bytes and FLOPs are the measured ones (ledger,
+    FlopCounterMode). A method that allocates radio resources provides
+    `radio(rnd, cids) -> {cid: (bandwidth_hz, power_w, server)}`; any other method gets an equal
+    share of its nearest server's band at full power, so every method is costed alike.
+
+        t_comp = flops / flops_per_s          e_comp = kappa f^2 (t_comp f)
+        t_up   = 8 bytes_up / r_up            e_tx   = p t_up
+        t_down = 8 bytes_down / r_down        t_server = server_flops * n_s / server_flops_per_s
+    """
+
+    def __init__(self, wcfg, num_clients: int, seed: int):
+        from hetfl.system.wireless import draw_channels
+
+        self.cfg = wcfg
+        self.channels = draw_channels(wcfg, num_clients, seed=seed)
+
+    def default_radio(self, cids: list[int]) -> dict[int, tuple[float, float, int]]:
+        import numpy as np
+
+        nearest = np.argmin(self.channels.distance_m[cids], axis=1)
+        share = {s: self.cfg.bandwidth_hz / int((nearest == s).sum()) for s in set(nearest.tolist())}
+        return {c: (share[int(s)], self.cfg.p_max_w, int(s)) for c, s in zip(cids, nearest)}
+
+    def costs(self, cids: list[int], devices: dict, flops: dict, up: dict, down: dict,
+              server_flops: dict, radio: dict[int, tuple[float, float, int]] | None = None) -> dict[int, Cost]:
+        """One `Cost` per client of the round (all dicts keyed by client id)."""
+        import numpy as np
+
+        from hetfl.system.wireless import down_rate, noise_psd_w, server_counts, shannon_rate
+
+        if not cids:
+            return {}
+        radio = radio or self.default_radio(cids)
+        band, power, server = (np.array([radio[c][i] for c in cids]) for i in range(3))
+        server = server.astype(int)
+        ch = self.channels.subset(cids)
+        h = ch.gain[np.arange(len(cids)), server]
+        r_up = shannon_rate(band, power, h, noise_psd_w(self.cfg))
+        r_dn = down_rate(self.cfg, ch, server)
+        n_s = server_counts(server, ch.num_servers)
+        out = {}
+        for i, c in enumerate(cids):
+            dev = devices[c]
+            t_comp = flops[c] / dev.flops_per_s
+            t_up = 8.0 * up[c] / r_up[i] if up[c] else 0.0
+            out[c] = Cost(t_comp=t_comp, t_up=t_up, t_down=8.0 * down[c] / r_dn[i] if down[c] else 0.0,
+                          e_comp=dev.kappa * dev.cpu_hz**2 * t_comp * dev.cpu_hz, e_tx=float(power[i]) * t_up,
+                          t_server=server_flops.get(c, 0.0) * n_s[i] / self.cfg.server_flops_per_s)
+        return out

@@ -2,3 +2,4 @@
 
 from hetfl.tasks import instruct  # noqa: F401
 from hetfl.tasks import classify  # noqa: F401
+from hetfl.tasks import news_bow, regression  # noqa: F401

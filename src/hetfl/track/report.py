@@ -80,6 +80,37 @@ def _table(history: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_xy(xs: Sequence[float], ys: Sequence[float], out_png: Path, xlabel: str, ylabel: str, title: str = "",
+            labels: Sequence[str] = (), log2x: bool = False) -> None:
+    """One line of points, optionally labelled (e.g. lambda on a trade-off curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(xs, ys, "o-")
+    for x, y, t in zip(xs, ys, labels):
+        ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if log2x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def plot_tradeoff(curve: Sequence[tuple[float, float, float]], out_png: Path) -> None:
+    """Round latency against device energy, one point per (lambda, T, E), labelled by lambda."""
+    plot_xy([t for _, t, _ in curve], [e for _, _, e in curve], out_png, "round latency T (s)",
+            "device energy, sum over devices (J)", "lambda sweep: lambda*T + (1-lambda)*E",
+            [f"{lam:g}" for lam, _, _ in curve])
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.md and run_dir/quality.png from its metrics.jsonl; return the report path."""
     d = Path(run_dir)
@@ -99,6 +130,12 @@ def write_report(run_dir: str | Path) -> Path:
     parts += ["## Per round", "", _table(history), ""]
     if kinds:
         parts += ["## Bytes by message kind (last round)", "", "```", json.dumps(kinds, indent=1), "```", ""]
+    if (d / "tradeoff.csv").exists():  # methods that allocate radio resources (sflam)
+        curve = [tuple(map(float, line.split(","))) for line in (d / "tradeoff.csv").read_text().splitlines()[1:]]
+        plot_tradeoff(curve, d / "tradeoff.png")
+        parts += ["## Latency-energy trade-off", "",
+                  "The allocation for the last round's devices at each latency weight lambda (`tradeoff.csv`).", "",
+                  "![latency against energy](tradeoff.png)", ""]
     parts += ["Per-client costs per round: `clients.csv`.", "", "## Config", "", "```yaml", cfg_text.rstrip(), "```", ""]
     path = d / "report.md"
     path.write_text("\n".join(parts))

@@ -24,7 +24,8 @@ from hetfl.errors import ConfigError
 
 CLIENT_COLUMNS = [
     "round", "client", "tier", "rank", "num_examples", "train_loss", "bytes_up", "bytes_down", "flops",
-    "t_comp_s", "t_up_s", "t_down_s", "sim_time_s", "energy_j", "mem_mb",
+    "t_comp_s", "t_up_s", "t_down_s", "t_server_s", "sim_time_s", "energy_j", "mem_mb",
+    "server", "bits", "bandwidth_hz", "power_w",  # radio allocation (wireless model), when a method sets one
 ]
 
 

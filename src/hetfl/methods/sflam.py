@@ -1,0 +1,279 @@
+"""SFLAM (Qiang et al., "Deploying Large AI Models on Resource-Limited Devices with Split
+Federated Learning", arXiv 2504.09114; spec/sflam.md): SplitFed V1 where the device runs only the
+embedding (or the first `cut` blocks), its activations go up quantized at the device's own
+bit-width, part of the server side is fine-tuned, and M parallel edge servers each serve a
+subset of the devices.
+
+- Quantization: before each round the method sets, per device, the link codec of its
+  `activations` (and, with `grad_bits < 32`, of the `grad_cut` coming down), so bytes and
+  distortion are measured on the link like any other message. Bits come from the allocation
+  (system/allocate.py, when `wireless` is configured) or from `bits`.
+- Server-side fine-tuning (`server_tune`): `lora` (LoRA on the body's attention/MLP linears,
+  `lora.*` options, plus the classifier tail), `last-k` (the last `last_k` blocks + tail) or
+  `full` (the whole server part, as in the official code). The device part always trains.
+- Edge servers: device k is served by server `server_of[k]` (allocation, else `k mod M`); each
+  server keeps one copy per device it serves (V1), averages its devices' copies weighted by data,
+  and the servers' averages are then averaged weighted by their data (= FedAvg over devices).
+
+Per local step (B samples, E activation elements per sample at the cut, q bits):
+    up   activations: ceil(B*E*q/8) + 8 per quantization group, + B*8 (int64 labels)
+    down grad_cut:    B*E*4 (fp32; or quantized with grad_bits) + 4 (the batch loss)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from hetfl.engine.api import Message, ServerState, derive_seed
+from hetfl.methods.split_common import SplitConfig
+from hetfl.methods.splitfed_v1 import SplitFedV1
+from hetfl.registry import register_method
+
+
+@dataclass(frozen=True)
+class SFLAMConfig(SplitConfig):
+    name: str = "sflam"
+    server_tune: Literal["lora", "last-k", "full"] = "lora"
+    last_k: int = 1  # server_tune last-k: blocks fine-tuned at the end of the body
+    bits: int = 8  # activation bit-width when no allocation chooses it (32: unquantized fp32)
+    grad_bits: int = 32  # bit-width of the gradient sent down (32: fp32)
+    group: int = 0  # quantization group size in elements (0: one min/max per tensor)
+    rounding: Literal["stochastic", "nearest"] = "stochastic"  # unbiased, or deterministic
+
+    def check(self):
+        yield from super().check()
+        for key in ("bits", "grad_bits"):
+            b = getattr(self, key)
+            if not (1 <= b <= 16 or b == 32):
+                yield key, f"must be in 1..16 or 32, got {b}"
+        if self.last_k < 1:
+            yield "last_k", "must be >= 1"
+        if self.group < 0:
+            yield "group", "must be >= 0"
+
+
+def codec_name(bits: int, group: int, rounding: str) -> str:
+    """The link codec for `bits`-bit uniform quantization (32: plain fp32)."""
+    if bits == 32:
+        return "fp32"
+    return f"{'sq' if rounding == 'stochastic' else 'rq'}{bits}" + (f"g{group}" if group else "")
+
+
+@register_method("sflam", SFLAMConfig, "SFLAM: quantized SplitFed with partial server fine-tuning, M edge servers")
+class SFLAM(SplitFedV1):
+    def setup(self, scenario) -> ServerState:
+        if self.mcfg.server_tune == "lora":  # adapters live in the body; the device's blocks train in full
+            from hetfl.models.lora import inject_lora
+
+            lc = self.cfg.lora
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "lora-init"))
+            inject_lora(scenario.model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, regex=lc.regex,
+                        exclude=lc.exclude, dropout=lc.dropout, generator=g)
+            for p in scenario.model.parameters():
+                p.requires_grad_(False)
+        state = super().setup(scenario)
+        if self.mcfg.server_tune == "last-k" and self.mcfg.last_k >= self.layout.num_blocks:
+            from hetfl.errors import ConfigError
+
+            raise ConfigError(f"method.last_k: {self.mcfg.last_k} must be below the model's "
+                              f"{self.layout.num_blocks} blocks")
+        w = self.cfg.wireless
+        self.num_servers = w.num_servers
+        self.server_of = {cid: cid % self.num_servers for cid in range(scenario.num_clients)}
+        self.bits = {cid: self.mcfg.bits for cid in range(scenario.num_clients)}
+        self.radio_of: dict[int, tuple[float, float, int]] = {}
+        self.probes: dict[int, dict[str, float]] = {}
+        if w.enabled:  # the same channel draw as the loop's cost model (seeded by the run's seed)
+            from hetfl.system.allocate import initial_servers
+            from hetfl.system.wireless import draw_channels
+
+            self.channels = draw_channels(w, scenario.num_clients, seed=self.cfg.seed)
+            self.server_of = {c: int(s) for c, s in enumerate(initial_servers(w, self.channels, self.cfg.seed))}
+        return state
+
+    def attach_link(self, link) -> None:
+        """The loop hands over the run's link so the method can set per-device codecs."""
+        self.link = link
+
+    # -- what trains on the server ----------------------------------------------------------
+    def server_names(self, cut: int) -> tuple[str, ...]:
+        """The server-side parameters that train (the rest of the server part stays frozen)."""
+        lay, m = self.layout, self.mcfg
+        if m.server_tune == "full":
+            return lay.body(cut) + lay.tail
+        if m.server_tune == "last-k":
+            first = max(cut, lay.num_blocks - m.last_k)
+            return lay.body(first) + lay.tail
+        return tuple(n for n in lay.body(cut) if "lora_" in n) + lay.tail
+
+    def client_names(self, cut: int) -> tuple[str, ...]:
+        return self.layout.head(cut)  # SplitFed: the tail runs on the server
+
+    # -- round ------------------------------------------------------------------------------
+    def begin_round(self, state: ServerState, rnd: int, cids: list[int]) -> None:
+        super().begin_round(state, rnd, cids)
+        if self.cfg.wireless.enabled and (self.cfg.wireless.allocate_every == "round" or not self.radio_of):
+            self.allocate(rnd, cids if self.cfg.wireless.allocate_every == "round" else list(range(len(self.bits))))
+        self.served: dict[int, list[int]] = {m: [] for m in range(self.num_servers)}
+        link = getattr(self, "link", None)  # attach_link runs before setup in the loop
+        if link is not None:
+            link.clear_codecs()
+            for cid in cids:
+                link.set_codec(cid, "activations", codec_name(self.bits[cid], self.mcfg.group, self.mcfg.rounding))
+                if self.mcfg.grad_bits != 32:
+                    link.set_codec(cid, "grad_cut",
+                                        codec_name(self.mcfg.grad_bits, self.mcfg.group, self.mcfg.rounding))
+
+    def serve(self, cid: int, kind: str, msg: Message) -> Message:
+        server = self.server_of[cid]
+        if cid not in self.served[server]:
+            self.served[server].append(cid)
+        return super().serve(cid, kind, msg)
+
+    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        """Each edge server averages, weighted by data, the versions its devices' training
+        produced (the device's upload for device parts, the server copy for server parts);
+        the servers' averages are then averaged weighted by the data behind them."""
+        if not replies:
+            return state
+        self.end_round(state, rnd, replies)
+        w = {c: (float(m.meta["num_examples"]) if self.mcfg.weighting == "examples" else 1.0)
+             for c, m in replies.items()}
+        g = state["global"]
+
+        def version(cid: int, n: str) -> torch.Tensor:
+            if n in replies[cid].tensors:
+                return g[n] + replies[cid].tensors[n]
+            return self.copies.get(cid, {}).get(n, g[n])
+
+        groups = [sorted(c for c in cids if c in replies) for _, cids in sorted(self.served.items())]
+        groups = [cids for cids in groups if cids]
+        data = [sum(w[c] for c in cids) for cids in groups]
+        total = sum(data)
+        changed = set().union(*(m.tensors for m in replies.values()), *(self.copies.get(c, {}) for c in replies))
+        state["global"] = {
+            n: sum(sum(version(c, n) * (w[c] / d) for c in cids) * (d / total) for cids, d in zip(groups, data))
+            if n in changed else g[n]  # frozen weights stay bit-identical
+            for n in g
+        }
+        return state
+
+    # -- the wireless system: probes, allocation, radio ----------------------------------------
+    def probe(self, cut: int) -> dict[str, float]:
+        """FLOPs per batch of the device part and of the server part at `cut`, and the range of
+        the cut activations, measured once on a batch of the server's own evaluation samples."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from hetfl.methods.split_common import per_sample_ce
+        from hetfl.models.split import body_forward, head_forward
+
+        if cut in self.probes:
+            return self.probes[cut]
+        task, b = self.scenario.task, self.cfg.train.batch_size
+        samples = list(task.eval_samples)
+        batch = task.collate([samples[i % len(samples)] for i in range(b)])
+        model, dev, srv = self.server_model, set(self.client_names(cut)), set(self.server_names(cut))
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        try:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in dev)
+            with FlopCounterMode(display=False) as fc:
+                h, mask = head_forward(model, batch, cut)
+                h.backward(torch.ones_like(h))
+            device_flops = float(fc.get_total_flops())
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in srv)
+            z = h.detach().requires_grad_(True)
+            with FlopCounterMode(display=False) as fc:
+                per_sample_ce(model.tail(body_forward(model, z, mask, cut), mask), batch["labels"]).mean().backward()
+            server_flops = float(fc.get_total_flops())
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags[n])
+                p.grad = None
+        self.probes[cut] = {"device_flops": device_flops, "server_flops": server_flops,
+                            "range": float(h.detach().max() - h.detach().min())}
+        return self.probes[cut]
+
+    def loads(self, cids: list[int]):
+        """Per-device work of a round (system/wireless.py `Loads`) for the allocation."""
+        import math
+
+        from hetfl.models.split import count
+        from hetfl.system.wireless import make_loads
+
+        b, m = self.cfg.train.batch_size, self.mcfg
+        pr = [self.probe(self.cuts[c]) for c in cids]
+        elems = [b * self.cut_elems[self.cuts[c]] for c in cids]
+        grad = [4 * e + 4 if m.grad_bits == 32 else math.ceil(e * m.grad_bits / 8) + 8 * self._groups(e) + 4
+                for e in elems]
+        return make_loads([self.scenario.population.device(c) for c in cids], batches=self.cfg.train.local_steps,
+                          device_flops=[p["device_flops"] for p in pr], server_flops=[p["server_flops"] for p in pr],
+                          act_elems=elems, act_groups=[self._groups(e) for e in elems], up_extra_bytes=8 * b,
+                          grad_bytes=grad, act_range=[p["range"] for p in pr],
+                          model_bytes=[4 * count(self.scenario.model, self.client_names(self.cuts[c])) for c in cids])
+
+    def _groups(self, elems: int) -> int:
+        g = self.mcfg.group
+        return -(-elems // g) if g else 1
+
+    def allocate(self, rnd: int, cids: list[int]) -> None:
+        """Choose bits, server, bandwidth and power for `cids` (system/allocate.py)."""
+        from hetfl.system.allocate import allocate
+
+        w = self.cfg.wireless
+        if w.mode == "fixed":  # no optimisation: equal shares of each server's band, full power, fixed bits
+            share = {s: w.bandwidth_hz / sum(1 for c in cids if self.server_of[c] == s) for s in
+                     {self.server_of[c] for c in cids}}
+            for c in cids:
+                self.bits[c] = w.fixed_bits
+                self.radio_of[c] = (share[self.server_of[c]], w.p_max_w, self.server_of[c])
+            return
+        alloc = allocate(w, self.channels.subset(cids), self.loads(cids), seed=self.cfg.seed)
+        self.last_allocation = alloc
+        for i, c in enumerate(cids):
+            self.bits[c] = int(alloc.bits[i])
+            self.server_of[c] = int(alloc.server[i])
+            self.radio_of[c] = (float(alloc.bandwidth_hz[i]), float(alloc.power_w[i]), int(alloc.server[i]))
+
+    def radio(self, rnd: int, cids: list[int]) -> dict[int, tuple[float, float, int]]:
+        """Bandwidth, power and server per client for the loop's wireless cost model."""
+        return {c: self.radio_of[c] for c in cids}
+
+    def client_row(self, rnd: int, cid: int) -> dict:
+        out = {"server": self.server_of[cid], "bits": self.bits[cid]}
+        if cid in self.radio_of:
+            out["bandwidth_hz"], out["power_w"] = self.radio_of[cid][0], self.radio_of[cid][1]
+        return out
+
+    LAMBDAS = (0.0, 0.01, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
+
+    def tradeoff(self, cids: list[int], lams=LAMBDAS) -> list[tuple[float, float, float]]:
+        """(lambda, T, E) of the optimised allocation for `cids` at each latency weight."""
+        from hetfl.system.allocate import allocate
+
+        ch, loads = self.channels.subset(cids), self.loads(cids)
+        out = []
+        for lam in lams:
+            a = allocate(self.cfg.wireless, ch, loads, lam=lam, mode="optimize", seed=self.cfg.seed)
+            out.append((lam, a.T, a.E))
+        return out
+
+    def export(self, state: ServerState, out_dir) -> None:
+        """With the wireless model on: OUT/tradeoff.csv, the lambda sweep for the last round's
+        devices (the run report plots it)."""
+        if not self.cfg.wireless.enabled:
+            return
+        from pathlib import Path
+
+        rows = ["lambda,latency_s,energy_j"] + [f"{lam},{t},{e}" for lam, t, e in self.tradeoff(self.round_cids)]
+        Path(out_dir, "tradeoff.csv").write_text("\n".join(rows) + "\n")
+
+    def round_stats(self, state: ServerState, rnd: int) -> dict[str, float]:
+        out = super().round_stats(state, rnd)
+        out["bits_mean"] = sum(self.bits[c] for c in self.round_cids) / len(self.round_cids)
+        out["servers_used"] = sum(1 for c in self.served.values() if c)
+        return out
