@@ -240,3 +240,15 @@ def test_transformer_activation_bytes_hand_counts():
 def test_fits_uses_mebibytes():
     assert fits(2**20, TOY)
     assert not fits(2**20 + 1, TOY)
+
+
+def test_run_summary_reports_latency_and_energy_per_round():
+    from hetfl.track.summary import summarize
+
+    history = [{"round": 0, "eval_accuracy": 10.0},
+               {"round": 1, "round_time_s": 1.0, "round_energy_j": 4.0},
+               {"round": 2, "round_time_s": 3.0, "round_energy_j": 2.0, "eval_accuracy": 50.0,
+                "sim_time_s": 4.0, "energy_j": 6.0}]
+    s = summarize(history)
+    assert (s["latency_s_per_round"], s["energy_j_per_round"]) == (2.0, 3.0)  # round 0 (evaluation only) excluded
+    assert (s["sim_time_s"], s["energy_j"], s["final_quality"], s["base_quality"]) == (4.0, 6.0, 50.0, 10.0)

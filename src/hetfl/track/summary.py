@@ -13,13 +13,15 @@ from hetfl.track.report import plot_runs, primary_metric
 from hetfl.track.rundir import read_metrics
 
 SUMMARY_COLUMNS = ["run", "method", "final_quality_metric", "final_quality", "base_quality", "mb_up", "mb_down",
-                   "sim_time_s", "energy_j", "client_mem_peak_mb", "client_gflops", "rounds"]
+                   "sim_time_s", "energy_j", "latency_s_per_round", "energy_j_per_round", "client_mem_peak_mb",
+                   "client_gflops", "rounds"]
 
 
 def summarize(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     metric = primary_metric(history)
     evals = [m for m in history if metric and metric in m]
     last = history[-1] if history else {}
+    trained = [m for m in history if m.get("round", 0) > 0]
     return {
         "final_quality_metric": metric or "",
         "final_quality": round(evals[-1][metric], 4) if evals else "",
@@ -28,6 +30,9 @@ def summarize(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "mb_down": round(last.get("bytes_down_total", 0) / 1e6, 4),
         "sim_time_s": round(last.get("sim_time_s", 0.0), 3),
         "energy_j": round(last.get("energy_j", 0.0), 3),
+        # a round lasts as long as its slowest client; its energy is summed over its clients
+        "latency_s_per_round": round(sum(m.get("round_time_s", 0.0) for m in trained) / max(1, len(trained)), 4),
+        "energy_j_per_round": round(sum(m.get("round_energy_j", 0.0) for m in trained) / max(1, len(trained)), 4),
         "client_mem_peak_mb": round(max((m.get("client_mem_peak_mb", 0) for m in history), default=0), 2),
         "client_gflops": round(last.get("flops_total", 0.0) / 1e9, 2),
         "rounds": last.get("round", 0),
@@ -65,8 +70,8 @@ def write_compare(root: Path, rows: list[dict[str, Any]], dirs: Sequence[Path]) 
 
 def print_compare(rows: list[dict[str, Any]], root: Path) -> None:
     t = Table(title=f"hetfl compare ({root})")
-    heads = ["run", "method", "final_quality", "base_quality", "mb_up", "mb_down", "sim_time_s", "energy_j",
-             "client_mem_peak_mb", "client_gflops"]
+    heads = ["run", "method", "final_quality", "base_quality", "mb_up", "mb_down", "latency_s_per_round",
+             "energy_j_per_round", "sim_time_s", "energy_j", "client_mem_peak_mb", "client_gflops"]
     for h in heads:
         t.add_column(h.replace("_", " "), justify="right" if h not in ("run", "method") else "left")
     for r in rows:
