@@ -67,6 +67,7 @@ def summarize(history: list[dict], wall: float) -> dict:
     fr = [m["data_fraction"] for m in rounds if "data_fraction" in m]
     return {
         "rougeL": last.get("eval_rougeL", float("nan")),
+        "ppl": last.get("eval_ppl", float("nan")),  # response perplexity on the unseen families
         "fraction": sum(fr) / len(fr) if fr else 1.0,
         "sel_tflops": sel / 1e12,
         "train_tflops": (last["flops_total"] - sel) / 1e12,
@@ -81,7 +82,7 @@ def run_preset(args, preset: str) -> tuple[float, dict[str, dict]]:
     base_cfg = load_config(preset, [f"rounds={args.rounds}", *args.set])
     base = build_scenario(base_cfg)
     pristine = copy.deepcopy(base.model)  # before any method injects LoRA
-    out, base_rouge = {}, float("nan")
+    out, base_rouge = {}, (float("nan"), float("nan"))
     for sel in args.selectors:
         for label, ov in variants(args, sel):
             at_start = "eval.at_start=true" if not out else "eval.at_start=false"
@@ -92,7 +93,7 @@ def run_preset(args, preset: str) -> tuple[float, dict[str, dict]]:
                 warnings.simplefilter("ignore")  # coreset-central's non-private warning: marked in the table
                 history = run_rounds(sc, build_method(cfg))
             if history[0]["round"] == 0:
-                base_rouge = history[0].get("eval_rougeL", float("nan"))
+                base_rouge = (history[0].get("eval_rougeL", float("nan")), history[0].get("eval_ppl", float("nan")))
             out[label] = summarize(history, time.perf_counter() - t0)
             r = out[label]
             print(f"  {preset:22s} {label:16s} rougeL={r['rougeL']:6.2f} frac={r['fraction']:.4f} "
@@ -111,7 +112,7 @@ def main(argv=None) -> None:
     rows, diffs = [], []
     for preset in args.presets:
         base_rouge, res = run_preset(args, preset)
-        rows.append((preset, "base (round 0)", {"rougeL": base_rouge}))
+        rows.append((preset, "base (round 0)", {"rougeL": base_rouge[0], "ppl": base_rouge[1]}))
         for label, r in res.items():
             if label.startswith("random@"):
                 continue
@@ -120,16 +121,16 @@ def main(argv=None) -> None:
             rows.append((preset, name, r))
         if "none" in res and "fedhds" in res:
             diffs.append(res["fedhds"]["rougeL"] - res["none"]["rougeL"])
-    hdr = (f"{'preset':22s} {'method':22s} {'rougeL':>7s} {'data%':>7s} {'selTFLOP':>9s} {'trainTFLOP':>10s} "
+    hdr = (f"{'preset':22s} {'method':22s} {'rougeL':>7s} {'ppl':>8s} {'data%':>7s} {'selTFLOP':>9s} {'trainTFLOP':>10s} "
            f"{'sim_s':>8s} {'MB_up':>8s} {'wall_s':>7s}")
     print(f"\nrounds={args.rounds}  (* non-private reference: clients upload all features)")
     print(hdr)
     print("-" * len(hdr))
     for preset, name, r in rows:
         if "fraction" not in r:
-            print(f"{preset:22s} {name:22s} {r['rougeL']:7.2f}")
+            print(f"{preset:22s} {name:22s} {r['rougeL']:7.2f} {r['ppl']:8.1f}")
             continue
-        print(f"{preset:22s} {name:22s} {r['rougeL']:7.2f} {100 * r['fraction']:7.2f} {r['sel_tflops']:9.3f} "
+        print(f"{preset:22s} {name:22s} {r['rougeL']:7.2f} {r['ppl']:8.1f} {100 * r['fraction']:7.2f} {r['sel_tflops']:9.3f} "
               f"{r['train_tflops']:10.3f} {r['sim_s']:8.1f} {r['mb_up']:8.2f} {r['wall_s']:7.0f}")
     print(f"total wall {time.perf_counter() - t_start:.0f}s")
     mean = sum(diffs) / len(diffs) if diffs else float("nan")
