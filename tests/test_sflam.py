@@ -17,10 +17,10 @@ from hetfl.scenario import build_scenario
 torch.set_num_threads(1)
 
 
-def sflam_cfg(method=None, clients=4, **extra):
+def sflam_cfg(method=None, clients=4, model="mlp", **extra):
     from hetfl.config import to_dict
 
-    cfg = split_cfg("mlp", {"name": "sflam", "server_tune": "full", **(method or {})})
+    cfg = split_cfg(model, {"name": "sflam", "server_tune": "full", **(method or {})})
     over = [f"population.num_clients={clients}", f"population.clients_per_round={clients}"]
     return load_config(to_dict(cfg), over + [f"{k}={v}" for k, v in extra.items()])
 
@@ -137,3 +137,28 @@ def test_sflam_run_with_the_wireless_model_writes_the_allocation_and_the_tradeof
     e = [float(x[2]) for x in curve]
     assert t[-1] <= min(t) * (1 + 1e-6) and e[0] <= min(e) * (1 + 1e-6)  # lambda=1: fastest, lambda=0: leanest
     assert "tradeoff.png" in write_report(tmp_path / "run").read_text()
+
+
+def test_allocation_enumerates_cut_layers_and_the_clients_use_the_chosen_one():
+    """wireless.cuts: the allocation is solved per candidate cut and the lowest objective wins;
+    the cut travels down with the model and sets what crosses the link."""
+    from hetfl.system.allocate import allocate
+
+    cfg = sflam_cfg({"bits": 8}, clients=2, model="tiny-vit-random",
+                    **{"wireless.enabled": "true", "wireless.allocate_every": "round", "wireless.cuts": "[0, 1]",
+                       "wireless.lam": 1.0, "wireless.server_flops_per_s": 1e6})  # a slow server: keep a block home
+    ledger, m, _, _, replies, ctxs = one_round(cfg)
+    objective = {}
+    for cut in (0, 1):
+        for c in (0, 1):
+            m.cuts[c] = cut
+        objective[cut] = allocate(cfg.wireless, m.channels.subset([0, 1]), m.loads([0, 1]), seed=cfg.seed).objective
+    chosen = min(objective, key=objective.get)
+    assert chosen == 1
+    assert m.last_allocation.objective == pytest.approx(objective[chosen])
+    assert all(ctx.knobs["cut"] == chosen for ctx in ctxs.values())
+    assert set(replies[0].tensors) == set(m.layout.head(chosen))  # the device trained and sent that part
+    steps, e = cfg.train.local_steps, m.cut_elems[chosen]
+    bits = m.bits[0]
+    per_step = (math.ceil(B * e * bits / 8) + 8 if bits < 32 else B * e * 4) + B * 8
+    assert ledger.bytes(cid=0, direction=UP, kind="activations") == steps * per_step

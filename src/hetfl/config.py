@@ -201,11 +201,14 @@ class WirelessConfig:
     mode: Literal["optimize", "equal-bandwidth", "max-power", "fixed-bits", "fixed"] = "optimize"
     fixed_bits: int = 8  # bit-width for every device in modes fixed-bits and fixed (fixed: equal bands, full power too)
     allocate_every: Literal["once", "round"] = "once"  # solve once, or for every round's cohort
+    cuts: tuple[int, ...] = ()  # sflam: candidate cut layers, enumerated per allocation (); (): the method's cut
     max_latency_factor: float = 10.0  # the optimiser considers round latencies up to this x the fastest feasible
     max_iters: int = 20  # block-coordinate-descent iterations
     tol: float = 1e-6  # stop when the objective improves by less than this fraction
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if any(c < 0 for c in self.cuts):
+            yield "cuts", "cut layers must be >= 0"
         for key in ("bandwidth_hz", "down_bandwidth_hz", "server_power_w", "p_max_w", "server_flops_per_s", "tol"):
             if not getattr(self, key) > 0:
                 yield key, "must be > 0"

@@ -127,6 +127,13 @@ class SFLAM(SplitFedV1):
                     link.set_codec(cid, "grad_cut",
                                         codec_name(self.mcfg.grad_bits, self.mcfg.group, self.mcfg.rounding))
 
+    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
+        msgs = super().configure(state, rnd, cids)
+        if self.cfg.wireless.enabled and self.cfg.wireless.cuts:  # the cut chosen this round travels down
+            for cid, m in msgs.items():
+                m.meta["cut"] = self.cuts[cid]
+        return msgs
+
     def serve(self, cid: int, kind: str, msg: Message) -> Message:
         server = self.server_of[cid]
         if cid not in self.served[server]:
@@ -232,12 +239,38 @@ class SFLAM(SplitFedV1):
                 self.bits[c] = w.fixed_bits
                 self.radio_of[c] = (share[self.server_of[c]], w.p_max_w, self.server_of[c])
             return
-        alloc = allocate(w, self.channels.subset(cids), self.loads(cids), seed=self.cfg.seed)
+        alloc = self.best_cut(cids) if w.cuts else allocate(w, self.channels.subset(cids), self.loads(cids),
+                                                             seed=self.cfg.seed)
         self.last_allocation = alloc
         for i, c in enumerate(cids):
             self.bits[c] = int(alloc.bits[i])
             self.server_of[c] = int(alloc.server[i])
             self.radio_of[c] = (float(alloc.bandwidth_hz[i]), float(alloc.power_w[i]), int(alloc.server[i]))
+
+    def best_cut(self, cids: list[int]):
+        """Enumerate `wireless.cuts` (one cut for the cohort; a cut must leave the server a block
+        and fit every device's memory); keep the allocation with the lowest objective."""
+        from hetfl.system.allocate import allocate
+        from hetfl.system.memory import fits
+
+        w, best, best_cut = self.cfg.wireless, None, None
+        devices = [self.scenario.population.device(c) for c in cids]
+        for cut in w.cuts:
+            self.layout.check_cut(cut, "wireless.cuts")
+            if not all(fits(self.client_memory(cut), d) for d in devices):
+                continue
+            for c in cids:
+                self.cuts[c] = cut
+            a = allocate(w, self.channels.subset(cids), self.loads(cids), seed=self.cfg.seed)
+            if best is None or a.objective < best.objective:
+                best, best_cut = a, cut
+        if best is None:
+            from hetfl.errors import ConfigError
+
+            raise ConfigError(f"wireless.cuts: no cut in {list(w.cuts)} fits the memory of every device of the round")
+        for c in cids:
+            self.cuts[c] = best_cut
+        return best
 
     def radio(self, rnd: int, cids: list[int]) -> dict[int, tuple[float, float, int]]:
         """Bandwidth, power and server per client for the loop's wireless cost model."""

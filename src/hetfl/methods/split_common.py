@@ -202,6 +202,9 @@ class SplitMethod:
         across the yield and put back before the next step.
         """
         self.load(msg, ctx)
+        if "cut" in msg.meta:  # a cut chosen for this round (e.g. by sflam's allocation)
+            ctx.knobs["cut"] = msg.meta["cut"]
+            ctx.mem_bytes = self.client_memory(ctx.knobs["cut"])
         cut = ctx.knobs["cut"]
         params = self.client_params(ctx)
         opt = make_optimizer(list(params.values()), self.cfg)
