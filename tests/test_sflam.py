@@ -162,3 +162,14 @@ def test_allocation_enumerates_cut_layers_and_the_clients_use_the_chosen_one():
     bits = m.bits[0]
     per_step = (math.ceil(B * e * bits / 8) + 8 if bits < 32 else B * e * 4) + B * 8
     assert ledger.bytes(cid=0, direction=UP, kind="activations") == steps * per_step
+
+
+def test_fixed_mode_gives_equal_bands_full_power_and_fixed_bits():
+    cfg = sflam_cfg({}, clients=4, **{"wireless.enabled": "true", "wireless.allocate_every": "round",
+                                      "wireless.mode": "fixed", "wireless.fixed_bits": 4, "wireless.num_servers": 2})
+    _, m, *_ = one_round(cfg)
+    radio = m.radio(1, [0, 1, 2, 3])
+    for c, (band, power, server) in radio.items():
+        peers = sum(1 for s in m.server_of.values() if s == server)
+        assert band == pytest.approx(cfg.wireless.bandwidth_hz / peers) and power == cfg.wireless.p_max_w
+        assert server == m.server_of[c] and m.bits[c] == 4
