@@ -11,9 +11,10 @@ subset of the devices.
 - Server-side fine-tuning (`server_tune`): `lora` (LoRA on the body's attention/MLP linears,
   `lora.*` options, plus the classifier tail), `last-k` (the last `last_k` blocks + tail) or
   `full` (the whole server part, as in the official code). The device part always trains.
-- Edge servers: device k is served by server `server_of[k]` (allocation, else `k mod M`); each
-  server keeps one copy per device it serves (V1), averages its devices' copies weighted by data,
-  and the servers' averages are then averaged weighted by their data (= FedAvg over devices).
+- Edge servers: device k is served by server `server_of[k]` (allocation, else `k mod M`) and only
+  that server sees its traffic (`served`); each server keeps one copy per device it serves (V1).
+  Averaging each server's copies by data and then the servers' averages by the data behind them
+  is the data-weighted mean over all devices, so the shared SplitFed aggregation serves as is.
 
 Per local step (B samples, E activation elements per sample at the cut, q bits):
     up   activations: ceil(B*E*q/8) + 8 per quantization group, + B*8 (int64 labels)
@@ -140,34 +141,6 @@ class SFLAM(SplitFedV1):
             self.served[server].append(cid)
         return super().serve(cid, kind, msg)
 
-    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
-        """Each edge server averages, weighted by data, the versions its devices' training
-        produced (the device's upload for device parts, the server copy for server parts);
-        the servers' averages are then averaged weighted by the data behind them."""
-        if not replies:
-            return state
-        self.end_round(state, rnd, replies)
-        w = {c: (float(m.meta["num_examples"]) if self.mcfg.weighting == "examples" else 1.0)
-             for c, m in replies.items()}
-        g = state["global"]
-
-        def version(cid: int, n: str) -> torch.Tensor:
-            if n in replies[cid].tensors:
-                return g[n] + replies[cid].tensors[n]
-            return self.copies.get(cid, {}).get(n, g[n])
-
-        groups = [sorted(c for c in cids if c in replies) for _, cids in sorted(self.served.items())]
-        groups = [cids for cids in groups if cids]
-        data = [sum(w[c] for c in cids) for cids in groups]
-        total = sum(data)
-        changed = set().union(*(m.tensors for m in replies.values()), *(self.copies.get(c, {}) for c in replies))
-        state["global"] = {
-            n: sum(sum(version(c, n) * (w[c] / d) for c in cids) * (d / total) for cids, d in zip(groups, data))
-            if n in changed else g[n]  # frozen weights stay bit-identical
-            for n in g
-        }
-        return state
-
     # -- the wireless system: probes, allocation, radio ----------------------------------------
     def probe(self, cut: int) -> dict[str, float]:
         """FLOPs per batch of the device part and of the server part at `cut`, and the range of
@@ -233,11 +206,10 @@ class SFLAM(SplitFedV1):
 
         w = self.cfg.wireless
         if w.mode == "fixed":  # no optimisation: equal shares of each server's band, full power, fixed bits
-            share = {s: w.bandwidth_hz / sum(1 for c in cids if self.server_of[c] == s) for s in
-                     {self.server_of[c] for c in cids}}
-            for c in cids:
-                self.bits[c] = w.fixed_bits
-                self.radio_of[c] = (share[self.server_of[c]], w.p_max_w, self.server_of[c])
+            from hetfl.system.cost import equal_radio
+
+            self.radio_of.update(equal_radio(w, {c: self.server_of[c] for c in cids}))
+            self.bits.update({c: w.fixed_bits for c in cids})
             return
         alloc = self.best_cut(cids) if w.cuts else allocate(w, self.channels.subset(cids), self.loads(cids),
                                                              seed=self.cfg.seed)

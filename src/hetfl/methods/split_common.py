@@ -278,17 +278,19 @@ class SplitMethod:
         g, server = state["global"], {n: p for n, p in self.server_model.named_parameters()}
         new = {}
         for n in g:
-            acc = None
+            versions = []
             for cid in sorted(replies):
                 m = replies[cid]
                 if n in m.tensors:
-                    v = g[n] + m.tensors[n]
+                    versions.append(g[n] + m.tensors[n])
                 elif n in self.server_names(self.cuts[cid]):
-                    v = self.server_version(cid, n) if n in server else g[n]
+                    versions.append(self.server_version(cid, n) if n in server else g[n])
                 else:
-                    v = g[n]  # a personal part kept on the client: the global copy stays
-                acc = v * (w[cid] / total) if acc is None else acc + v * (w[cid] / total)
-            new[n] = acc
+                    versions.append(g[n])  # a personal part kept on the client: the global copy stays
+            if all(v is g[n] or torch.equal(v, g[n]) for v in versions):
+                new[n] = g[n]  # untouched (frozen, personal): stays bit-identical, no rounding drift
+            else:
+                new[n] = sum(v * (w[cid] / total) for cid, v in zip(sorted(replies), versions))
         state["global"] = new
         return state
 

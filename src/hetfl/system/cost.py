@@ -117,6 +117,15 @@ def round_time(costs: Iterable[Cost]) -> float:
     return max((c.time_s for c in costs), default=0.0)
 
 
+def equal_radio(wcfg, server_of: dict[int, int]) -> dict[int, tuple[float, float, int]]:
+    """(bandwidth_hz, power_w, server) per client: its server's band split equally among the
+    clients given for that server, at the power limit (the unoptimised allocation)."""
+    counts: dict[int, int] = {}
+    for s in server_of.values():
+        counts[s] = counts.get(s, 0) + 1
+    return {c: (wcfg.bandwidth_hz / counts[s], wcfg.p_max_w, s) for c, s in server_of.items()}
+
+
 class WirelessCost:
     """Client costs under the wireless model of system/wireless.py (`wireless.enabled: true`).
 
@@ -140,11 +149,11 @@ class WirelessCost:
         self.channels = draw_channels(wcfg, num_clients, seed=seed)
 
     def default_radio(self, cids: list[int]) -> dict[int, tuple[float, float, int]]:
+        """Nearest server, an equal share of its band, full power."""
         import numpy as np
 
         nearest = np.argmin(self.channels.distance_m[cids], axis=1)
-        share = {s: self.cfg.bandwidth_hz / int((nearest == s).sum()) for s in set(nearest.tolist())}
-        return {c: (share[int(s)], self.cfg.p_max_w, int(s)) for c, s in zip(cids, nearest)}
+        return equal_radio(self.cfg, {c: int(s) for c, s in zip(cids, nearest)})
 
     def costs(self, cids: list[int], devices: dict, flops: dict, up: dict, down: dict,
               server_flops: dict, radio: dict[int, tuple[float, float, int]] | None = None) -> dict[int, Cost]:
@@ -165,10 +174,9 @@ class WirelessCost:
         n_s = server_counts(server, ch.num_servers)
         out = {}
         for i, c in enumerate(cids):
-            dev = devices[c]
-            t_comp = flops[c] / dev.flops_per_s
+            local = client_cost(devices[c], flops[c], 0, 0)  # computing time and energy: the same model
             t_up = 8.0 * up[c] / r_up[i] if up[c] else 0.0
-            out[c] = Cost(t_comp=t_comp, t_up=t_up, t_down=8.0 * down[c] / r_dn[i] if down[c] else 0.0,
-                          e_comp=dev.kappa * dev.cpu_hz**2 * t_comp * dev.cpu_hz, e_tx=float(power[i]) * t_up,
+            out[c] = Cost(t_comp=local.t_comp, t_up=t_up, t_down=8.0 * down[c] / r_dn[i] if down[c] else 0.0,
+                          e_comp=local.e_comp, e_tx=float(power[i]) * t_up,
                           t_server=server_flops.get(c, 0.0) * n_s[i] / self.cfg.server_flops_per_s)
         return out
