@@ -16,18 +16,15 @@ floral-digits-labelshift (mean per-client accuracy).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
-import time
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hetfl.config import load_config  # noqa: E402
-from hetfl.engine.loop import run_rounds  # noqa: E402
-from hetfl.runner import build_method  # noqa: E402
+from hetfl.runner import run_on_copy  # noqa: E402
 from hetfl.scenario import build_scenario  # noqa: E402
 
 PRESETS = ["floral-digits-rotate", "floral-digits-labelshift", "floral-news-labelshift", "floral-synth-linear",
@@ -64,16 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_one(base, preset: str, seed: int, variant: str, args) -> dict:
     extra = [f"seed={seed}", "eval.at_start=false", *([f"rounds={args.rounds}"] if args.rounds else []), *args.set]
     cfg = load_config(preset, [*VARIANTS[variant], *extra])
-    sc = copy.deepcopy(base)
-    sc.cfg = cfg
     torch.manual_seed(cfg.seed)
-    t0 = time.time()
-    hist = run_rounds(sc, build_method(cfg))
+    hist, wall = run_on_copy(base, cfg)
     last = hist[-1]
     metric = "mse" if "eval_client_mse_mean" in last else "accuracy"
     return {"metric": metric, "q": last[f"eval_client_{metric}_mean"], "spread": last[f"eval_client_{metric}_std"],
             "overhead": last.get("param_overhead_pct", 0.0),
-            "mb_round": sum(r["bytes_up"] + r["bytes_down"] for r in hist) / len(hist) / 1e6, "wall_s": time.time() - t0}
+            "mb_round": sum(r["bytes_up"] + r["bytes_down"] for r in hist) / len(hist) / 1e6, "wall_s": wall}
 
 
 def main(argv=None) -> None:
@@ -87,7 +81,7 @@ def main(argv=None) -> None:
                 r = run_one(base, preset, seed, variant, args)
                 results.setdefault((preset, variant), []).append(r)
                 print(f"# {preset} seed {seed} {variant}: {r['metric']} {r['q']:.4g}, wall {r['wall_s']:.0f}s", flush=True)
-    head = f"| preset | method | per-client quality | across clients (std) | overhead % | MB/round | seeds |"
+    head = "| preset | method | per-client quality | across clients (std) | overhead % | MB/round | seeds |"
     print(head + "\n|---|---|---|---|---|---|---|")
     for (preset, variant), rows in results.items():
         q = [r["q"] for r in rows]

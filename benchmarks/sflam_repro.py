@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hetfl.config import load_config  # noqa: E402
-from hetfl.engine.loop import run_rounds  # noqa: E402
-from hetfl.runner import build_method  # noqa: E402
+from hetfl.runner import build_method, run_on_copy  # noqa: E402
 from hetfl.scenario import build_scenario  # noqa: E402
 from hetfl.track.report import plot_tradeoff, plot_xy  # noqa: E402
 
@@ -76,17 +74,14 @@ def run(base, overrides: list[str], args) -> dict:
         return _CACHE[tuple(overrides)]
     over = list(overrides) + ([f"rounds={args.rounds}"] if args.rounds else []) + ["eval.at_start=false", *args.set]
     cfg = load_config(PRESET, over)
-    sc = copy.deepcopy(base)
-    sc.cfg = cfg
-    t0 = time.time()
-    hist = run_rounds(sc, build_method(cfg))
+    hist, wall = run_on_copy(base, cfg)
     last = hist[-1]
     n = len(hist)
     _CACHE[tuple(overrides)] = {
         "acc": last.get("eval_accuracy", float("nan")), "acc_client": last.get("eval_client_accuracy_mean", float("nan")),
         "latency": sum(r["round_time_s"] for r in hist) / n, "energy": sum(r["round_energy_j"] for r in hist) / n,
         "mb_up": sum(r["bytes_up"] for r in hist) / n / 1e6, "bits": last.get("bits_mean", 32.0),
-        "wall": time.time() - t0,
+        "wall": wall,
     }
     return _CACHE[tuple(overrides)]
 

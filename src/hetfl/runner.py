@@ -47,3 +47,19 @@ def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, 
 
         write_report(rundir.path)
     return history
+
+
+def run_on_copy(base, cfg: Config) -> tuple[list[dict], float]:
+    """Run `cfg` in memory on a deep copy of an already built scenario `base` (same data, model
+    and population; benchmarks build each scenario once). Returns (per-round metrics, wall seconds)."""
+    import copy
+    import time
+
+    from hetfl.engine.loop import run_rounds
+
+    sc = copy.deepcopy(base)
+    sc.cfg = cfg
+    t0 = time.time()
+    history = run_rounds(sc, build_method(cfg))
+    return history, time.time() - t0
+
