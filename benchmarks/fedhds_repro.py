@@ -4,7 +4,8 @@ Runs, on each preset (fedhds-{ni,dolly05,dolly5}[-large]), FedIT with the select
 `none` (full data), `random` (best Rouge-L over --ratios, as the paper reports the best ratio),
 `perplexity`, `fedhds`, `fedhds-turbo` and `coreset-central` (non-private reference, marked *),
 and prints one table: held-out Rouge-L after the last round, mean per-round data fraction,
-selection FLOPs, training FLOPs, simulated seconds, MB uploaded and wall seconds. Each preset's
+selection FLOPs and simulated selection seconds, training FLOPs, simulated seconds (all of the
+round: selection, training and communication), MB uploaded and wall seconds. Each preset's
 scenario (data, partition, base model) is built once and copied per run; round 0 (the base model)
 is evaluated once per preset. Last line: `fedhds_minus_fedit_rougeL=<points>`, the mean over the
 presets of FedHDS's Rouge-L minus full-data FedIT's.
@@ -70,6 +71,7 @@ def summarize(history: list[dict], wall: float) -> dict:
         "ppl": last.get("eval_ppl", float("nan")),  # response perplexity on the unseen families
         "fraction": sum(fr) / len(fr) if fr else 1.0,
         "sel_tflops": sel / 1e12,
+        "sel_s": sum(m.get("selection_time_s", 0.0) for m in rounds),  # simulated, slowest client per round
         "train_tflops": (last["flops_total"] - sel) / 1e12,
         "sim_s": last["sim_time_s"],
         "mb_up": last["bytes_up_total"] / 1e6,
@@ -121,7 +123,7 @@ def main(argv=None) -> None:
             rows.append((preset, name, r))
         if "none" in res and "fedhds" in res:
             diffs.append(res["fedhds"]["rougeL"] - res["none"]["rougeL"])
-    hdr = (f"{'preset':22s} {'method':22s} {'rougeL':>7s} {'ppl':>8s} {'data%':>7s} {'selTFLOP':>9s} {'trainTFLOP':>10s} "
+    hdr = (f"{'preset':22s} {'method':22s} {'rougeL':>7s} {'ppl':>8s} {'data%':>7s} {'selTFLOP':>9s} {'sel_s':>7s} {'trainTFLOP':>10s} "
            f"{'sim_s':>8s} {'MB_up':>8s} {'wall_s':>7s}")
     print(f"\nrounds={args.rounds}  (* non-private reference: clients upload all features)")
     print(hdr)
@@ -131,7 +133,7 @@ def main(argv=None) -> None:
             print(f"{preset:22s} {name:22s} {r['rougeL']:7.2f} {r['ppl']:8.1f}")
             continue
         print(f"{preset:22s} {name:22s} {r['rougeL']:7.2f} {r['ppl']:8.1f} {100 * r['fraction']:7.2f} {r['sel_tflops']:9.3f} "
-              f"{r['train_tflops']:10.3f} {r['sim_s']:8.1f} {r['mb_up']:8.2f} {r['wall_s']:7.0f}")
+              f"{r['sel_s']:7.1f} {r['train_tflops']:10.3f} {r['sim_s']:8.1f} {r['mb_up']:8.2f} {r['wall_s']:7.0f}")
     print(f"total wall {time.perf_counter() - t_start:.0f}s")
     mean = sum(diffs) / len(diffs) if diffs else float("nan")
     print(f"fedhds_minus_fedit_rougeL={mean:.2f}")

@@ -181,12 +181,14 @@ def test_random_selection_reports_exact_data_fraction():
         assert m["coreset_size"] == sum(kept)
         assert m["data_fraction"] == pytest.approx(sum(kept) / sum(sizes))
         assert not any(k.startswith("up:selection") for k in m["bytes_by_kind"])  # random uploads nothing
+        assert m["selection_flops"] == 0 and m["selection_time_s"] == 0  # nor computes anything
 
 
 class KeepNothingForOdd:
     """Uploads one number per client, and tells odd clients to keep nothing."""
 
     def summarize(self, ctx):
+        ctx.flops += 1e9 * (ctx.cid + 1)  # the stage's own compute, counted like a real selector's
         return Message({"c": torch.tensor([float(ctx.cid)])}, kind="centroids")
 
     def decide(self, rnd, summaries):
@@ -207,4 +209,8 @@ def test_selection_messages_cross_the_link_and_empty_coresets_skip(monkeypatch):
         assert m["bytes_by_kind"]["up:centroids"] == 4 * len(cids)
         assert m["bytes_by_kind"]["down:selection"] == 1 * len(cids)  # one bool each
         assert m["clients_trained"] == len(even)
+        assert m["selection_flops"] == sum(1e9 * (c + 1) for c in cids)
+        # Clients select in parallel: the slowest one's selection FLOPs over its device's FLOP/s.
+        assert m["selection_time_s"] == pytest.approx(
+            max(1e9 * (c + 1) / sc.population.device(c).flops_per_s for c in cids), rel=1e-12)
         assert m["bytes_by_kind"].get("up:update", 0) > 0 if even else "up:update" not in m["bytes_by_kind"]

@@ -157,6 +157,8 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             m["data_fraction"] = sum(len(ctxs[c].data) for c in cids) / local if local else 0.0
             m["coreset_size"] = sum(len(ctxs[c].data) for c in cids)
             m["selection_flops"] = sum(ctxs[c].selection_flops for c in cids)
+            # Clients select in parallel: the stage's simulated compute time is the slowest client's.
+            m["selection_time_s"] = max(ctxs[c].selection_flops / ctxs[c].device.flops_per_s for c in cids)
             m["clients_trained"] = len(replies)
         if hasattr(method, "round_stats"):  # method-specific numbers (server FLOPs, chosen ranks, ...)
             m.update(method.round_stats(state, rnd))
