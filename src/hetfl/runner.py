@@ -16,8 +16,18 @@ def build_method(cfg: Config):
     return METHODS.get(cfg.method.name, "method.name").factory(cfg, cfg.method)
 
 
+def build_run(cfg: Config):
+    """(scenario, method) for `cfg`, built the same way in every process that takes part in a run
+    (the simulator, or a Flower ServerApp and each ClientApp), so all hold the same model."""
+    from hetfl.scenario import build_scenario
+
+    torch.manual_seed(cfg.seed)
+    return build_scenario(cfg), build_method(cfg)
+
+
 def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, resume: bool = False,
-                   on_round: Callable[[dict], None] | None = None, report: bool = True) -> list[dict[str, Any]]:
+                   on_round: Callable[[dict], None] | None = None, report: bool = True,
+                   backend: Callable | None = None) -> list[dict[str, Any]]:
     """Build the scenario and run `cfg` to completion, writing outputs under `out`.
 
     Args:
@@ -27,21 +37,19 @@ def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, 
         resume: continue the run in `out` from its last checkpoint.
         on_round: per-round metrics callback.
         report: write report.md with plots at the end.
+        backend: the round loop's backend factory (see `run_rounds`); None: the simulator.
 
     Returns:
         The per-round metrics.
     """
     from hetfl.engine.loop import run_rounds
-    from hetfl.scenario import build_scenario
     from hetfl.track.rundir import RunDir
 
-    torch.manual_seed(cfg.seed)
     rundir = None
     if out is not None:
         rundir = RunDir(out, mode="resume" if resume else "new", force=force)
-    scenario = build_scenario(cfg)
-    method = build_method(cfg)
-    history = run_rounds(scenario, method, rundir, on_round=on_round, resume=resume)
+    scenario, method = build_run(cfg)
+    history = run_rounds(scenario, method, rundir, on_round=on_round, resume=resume, backend=backend)
     if rundir is not None and report:
         from hetfl.track.report import write_report
 

@@ -1,4 +1,5 @@
-"""hetfl run PRESET_OR_YAML [--set k=v ...] [--out DIR] [--force] | hetfl run --resume DIR"""
+"""hetfl run PRESET_OR_YAML [--set k=v ...] [--out DIR] [--force] [--backend sim|flower [--supernodes N]
+[--superlink HOST:PORT]] | hetfl run --resume DIR"""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default runs/<name>)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--backend", choices=("sim", "flower"), default="sim",
+                   help="sim: the in-process simulator (default); flower: clients on Flower SuperNodes")
+    p.add_argument("--supernodes", type=int, default=2, metavar="N",
+                   help="--backend flower: SuperNodes to start locally (or to wait for with --superlink)")
+    p.add_argument("--superlink", metavar="HOST:PORT",
+                   help="--backend flower: submit to this running SuperLink instead of starting one locally")
     p.set_defaults(func=run)
 
 
@@ -24,7 +31,12 @@ def run(args: argparse.Namespace) -> int:
     from hetfl.track.progress import round_progress
     from hetfl.track.summary import print_run_summary
 
+    if args.backend != "flower" and args.superlink:
+        raise ConfigError("--superlink needs --backend flower")
     if args.resume:
+        if args.backend == "flower":
+            raise ConfigError("--resume: resuming runs only on --backend sim (Flower clients keep their state on "
+                              "their SuperNodes)")
         if args.config or args.overrides:
             raise ConfigError("--resume DIR takes no config or --set (the run's own config.yaml is used)")
         cfg_path = Path(args.resume) / "config.yaml"
@@ -36,7 +48,14 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("run: give a preset name or a YAML file (or --resume DIR)")
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / cfg.name
-    with round_progress(f"{cfg.name} [{cfg.method.name}]", cfg.rounds) as on_round:
-        history = run_experiment(cfg, out, force=args.force, resume=bool(args.resume), on_round=on_round)
+    label = f"{cfg.name} [{cfg.method.name}{', flower' if args.backend == 'flower' else ''}]"
+    with round_progress(label, cfg.rounds) as on_round:
+        if args.backend == "flower":
+            from hetfl.flower.launch import run_flower
+
+            history = run_flower(cfg, out, supernodes=args.supernodes, superlink=args.superlink, force=args.force,
+                                 on_round=on_round)
+        else:
+            history = run_experiment(cfg, out, force=args.force, resume=bool(args.resume), on_round=on_round)
     print_run_summary(cfg, history, out)
     return 0

@@ -59,7 +59,7 @@ def plan_population(method, scenario) -> tuple[dict[int, dict], dict[int, int]]:
 
 
 def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None] | None = None,
-               resume: bool = False, order: str = "sorted") -> list[dict[str, Any]]:
+               resume: bool = False, order: str = "sorted", backend: Callable | None = None) -> list[dict[str, Any]]:
     """Run a whole federated training and return the per-round metrics.
 
     Args:
@@ -69,6 +69,10 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         on_round: callback receiving each round's metrics (progress display).
         resume: continue from `rundir`'s last checkpoint.
         order: client execution order in the simulator (results do not depend on it).
+        backend: `backend(scenario, method, link, selector)` -> the object that runs each round's
+            clients (`run_round(rnd, down, knobs, mem) -> (replies, contexts)`, plus the dicts
+            `client_states` and `flop_cache` that checkpoints keep); None: the in-process
+            SimulatedBackend. hetfl.flower.backend.FlowerBackend runs the same round on Flower.
     """
     from hetfl.system.cost import client_cost, round_time
 
@@ -83,7 +87,10 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         from hetfl.system.cost import WirelessCost
 
         wireless = WirelessCost(cfg.wireless, scenario.num_clients, cfg.seed)
-    backend = SimulatedBackend(scenario, method, link, order=order, selector=selector)
+    if backend is None:
+        backend = SimulatedBackend(scenario, method, link, order=order, selector=selector)
+    else:
+        backend = backend(scenario, method, link, selector)
     state = method.setup(scenario)
     knobs, mem = plan_population(method, scenario)
     totals, history, start = Totals(), [], 1

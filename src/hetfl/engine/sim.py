@@ -46,8 +46,7 @@ class SimulatedBackend:
             return self.run_lockstep(rnd, active, msgs, ctxs), ctxs
         replies = {}
         for cid in active:
-            torch.manual_seed(derive_seed(self.scenario.cfg.seed, rnd, cid, "torch"))  # dropout etc.
-            reply = self.method.client_update(msgs[cid], ctxs[cid])
+            reply = train_client(self.method, msgs[cid], ctxs[cid])
             replies[cid] = self.link.send(UP, rnd, cid, reply.kind or "update", reply)
         return replies, ctxs
 
@@ -92,14 +91,37 @@ class SimulatedBackend:
             ctx.data = [ctx.data[i] for i in keep]
 
     def context(self, rnd: int, cid: int, knobs: dict, mem: int) -> ClientContext:
-        sc = self.scenario
         server = None
         if hasattr(self.method, "server_handler"):  # split methods: per-batch calls cross the link
             from hetfl.engine.split import LinkedServer
 
             server = LinkedServer(self.link, rnd, cid, self.method.server_handler(rnd))
-        return ClientContext(
-            cid=cid, rnd=rnd, data=sc.client_data[cid], device=sc.population.device(cid), knobs=dict(knobs),
-            state=self.client_states.setdefault(cid, {}), seed=sc.cfg.seed, model=sc.model, task=sc.task,
-            server=server, mem_bytes=mem, _flop_cache=self.flop_cache,
-        )
+        return client_context(self.scenario, rnd, cid, knobs, mem, self.client_states.setdefault(cid, {}),
+                              self.flop_cache, server)
+
+
+def client_context(scenario, rnd: int, cid: int, knobs: dict, mem: int, state: dict[str, Any], flop_cache: dict,
+                   server=None) -> ClientContext:
+    """The context client `cid` trains in during round `rnd`; every backend builds it here.
+
+    Args:
+        scenario: the scenario as the client's worker built it (its model is the worker model).
+        rnd: the current round.
+        cid: the client.
+        knobs: the client's settings from the resource policy (`Method.plan`).
+        mem: the method's estimate of the client's peak training memory (bytes).
+        state: the client's private state, kept by the worker between rounds.
+        flop_cache: FLOPs per step shape already measured by this worker.
+        server: per-batch server handle (split methods), else None.
+    """
+    return ClientContext(
+        cid=cid, rnd=rnd, data=scenario.client_data[cid], device=scenario.population.device(cid), knobs=dict(knobs),
+        state=state, seed=scenario.cfg.seed, model=scenario.model, task=scenario.task, server=server,
+        mem_bytes=mem, _flop_cache=flop_cache,
+    )
+
+
+def train_client(method, msg: Message, ctx: ClientContext) -> Message:
+    """Run `method.client_update` with torch's global RNG (dropout etc.) seeded by (seed, round, client)."""
+    torch.manual_seed(derive_seed(ctx.seed, ctx.rnd, ctx.cid, "torch"))
+    return method.client_update(msg, ctx)
