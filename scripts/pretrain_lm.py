@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--gen-sentences", type=int, default=80000, help="generated training sentences")
     p.add_argument("--eval-windows", type=int, default=48, help="held-out windows per held-out source")
+    p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="storage dtype of the saved weights (loaded back as float32; the final held-out "
+                        "perplexity is measured after this rounding)")
     return p.parse_args(argv)
 
 
@@ -288,10 +291,14 @@ def main(argv: list[str] | None = None) -> dict:
         if step % 50 == 0 or step == n_steps - 1:
             print(f"step {step:4d}  loss {loss.item():.4f}  lr {lr_at(step, args):.2e}  {time.time() - t_train:.0f}s", flush=True)
     train_seconds = time.time() - t_train
+    save_dtype = getattr(torch, args.save_dtype)
+    with torch.no_grad():  # round to the storage dtype first, so the logged ppl is the shipped model's
+        for p in model.parameters():
+            p.copy_(p.to(save_dtype).float())
     ppl_final = stream_ppl(model, heldout_streams, args.seq_len, args.eval_windows)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
+    model.to(save_dtype).save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     log = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},

@@ -1,8 +1,11 @@
-"""Language models by name: the shipped offline `tiny-llama`, its random twin, or a local HF folder.
+"""Language models by name: the shipped offline `tiny-llama` and `tiny-llama-large`, a random twin,
+or a local HF folder.
 
 `tiny-llama` is a ~3.7M-parameter LlamaForCausalLM plus a 2048-token byte-level BPE tokenizer,
 pretrained on Shakespeare and generated plain text by `scripts/pretrain_lm.py` (its exact args and
-per-step losses are in `assets/tiny-llama/pretrain_log.json`). Nothing here touches the network.
+per-step losses are in `assets/tiny-llama/pretrain_log.json`). `tiny-llama-large` is the wider and
+deeper sibling (~11M parameters, hidden 384, 6 layers) from the same script, corpus and tokenizer,
+stored in float16 to keep the package small and loaded as float32. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from hetfl.errors import ConfigError
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 TINY_LLAMA_DIR = ASSET_DIR / "tiny-llama"
-SHIPPED_MODELS: tuple[str, ...] = ("tiny-llama", "tiny-llama-random")
+TINY_LLAMA_LARGE_DIR = ASSET_DIR / "tiny-llama-large"
+SHIPPED_MODELS: tuple[str, ...] = ("tiny-llama", "tiny-llama-large", "tiny-llama-random")
 
 
 def _prepare_tokenizer(tokenizer):
@@ -35,7 +39,8 @@ def _load_folder(path: Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        # float32 whatever the storage dtype: training and evaluation run on a CPU.
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: cannot load a causal LM from '{path}': {e}") from None
     model.eval()
@@ -46,8 +51,9 @@ def load_causal_lm(name: str, *, seed: int = 0) -> tuple[torch.nn.Module, object
     """Build a causal language model and its tokenizer, offline.
 
     Args:
-        name: ``"tiny-llama"`` (shipped pretrained checkpoint), ``"tiny-llama-random"`` (same
-            architecture and tokenizer, random init) or a path to a local Hugging Face folder.
+        name: ``"tiny-llama"`` or ``"tiny-llama-large"`` (shipped pretrained checkpoints),
+            ``"tiny-llama-random"`` (tiny-llama's architecture and tokenizer, random init) or a
+            path to a local Hugging Face folder.
         seed: initialisation seed for ``"tiny-llama-random"`` (the global torch RNG is untouched).
 
     Returns:
@@ -59,6 +65,8 @@ def load_causal_lm(name: str, *, seed: int = 0) -> tuple[torch.nn.Module, object
     """
     if name == "tiny-llama":
         return _load_folder(TINY_LLAMA_DIR)
+    if name == "tiny-llama-large":
+        return _load_folder(TINY_LLAMA_LARGE_DIR)
     if name == "tiny-llama-random":
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
