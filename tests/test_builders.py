@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from hetfl.errors import ConfigError
-from hetfl.models.builders import TINY_LLAMA_DIR, TINY_LLAMA_LARGE_DIR, generate_greedy, load_causal_lm
+from hetfl.models.builders import (
+    TINY_LLAMA_DIR,
+    TINY_LLAMA_LARGE_DIR,
+    from_int8_rows,
+    generate_greedy,
+    load_causal_lm,
+    to_int8_rows,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,14 +77,14 @@ def test_shipped_perplexity_far_below_random(shipped):
 
 
 def test_large_model_is_larger_and_better(shipped):
-    """tiny-llama-large: same tokenizer, ~3x the parameters, stored in float16, lower held-out ppl."""
+    """tiny-llama-large: same tokenizer, ~3x the parameters, stored as int8 rows, lower held-out ppl."""
     names = {p.name for p in TINY_LLAMA_LARGE_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "pretrain_log.json"} <= names
-    assert sum(p.stat().st_size for p in TINY_LLAMA_LARGE_DIR.iterdir()) < 25 * 2**20
+    assert sum(p.stat().st_size for p in TINY_LLAMA_LARGE_DIR.iterdir()) < 12 * 2**20
     torch.set_num_threads(1)
     large, tok_l = load_causal_lm("tiny-llama-large")
     small, tok_s = shipped
-    assert next(large.parameters()).dtype == torch.float32  # stored as float16, loaded as float32
+    assert next(large.parameters()).dtype == torch.float32  # stored as int8 rows, loaded as float32
     n = sum(p.numel() for p in large.parameters())
     assert n == LOG_LARGE["n_params"] and n > 2.5 * LOG["n_params"]
     assert (large.config.hidden_size, large.config.num_hidden_layers) == (384, 6)
@@ -89,6 +96,22 @@ def test_large_model_is_larger_and_better(shipped):
     ppl_large = mod.stream_ppl(large, streams, args["seq_len"], windows=8)
     assert ppl_large < 0.97 * ppl_small  # measured: 13.1 vs 13.8 on these 8 windows per source
     assert LOG_LARGE["heldout_ppl"]["final"] < LOG["heldout_ppl"]["final"]
+
+
+def test_int8_rows_round_trip_by_hand():
+    w = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-254.0, 127.0, 1.0]])  # (3, 3)
+    stored = to_int8_rows({"w": w, "norm": torch.tensor([1.0, 1 / 3])})
+    # Row scales absmax/127 in float16: 1/127, 0 (an all-zero row), 2.
+    assert stored["w.int8_scale"].dtype == torch.float16
+    assert stored["w.int8_scale"].tolist() == [torch.tensor(1 / 127, dtype=torch.float16).item(), 0.0, 2.0]
+    assert stored["w"].dtype == torch.int8
+    assert stored["w"].tolist() == [[127, -64, 32], [0, 0, 0], [-127, 64, 0]]  # round(w / scale), half to even
+    assert stored["norm"].dtype == torch.float16
+    back = from_int8_rows(stored)
+    assert set(back) == {"w", "norm"} and back["w"].dtype == torch.float32
+    s0 = torch.tensor(1 / 127, dtype=torch.float16).float()
+    assert torch.equal(back["w"][0], torch.tensor([127.0, -64.0, 32.0]) * s0)
+    assert back["w"][2].tolist() == [-254.0, 128.0, 0.0] and back["w"][1].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_random_variant_is_seeded_and_leaves_global_rng():

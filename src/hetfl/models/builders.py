@@ -5,7 +5,8 @@ or a local HF folder.
 pretrained on Shakespeare and generated plain text by `scripts/pretrain_lm.py` (its exact args and
 per-step losses are in `assets/tiny-llama/pretrain_log.json`). `tiny-llama-large` is the wider and
 deeper sibling (~11M parameters, hidden 384, 6 layers) from the same script, corpus and tokenizer,
-stored in float16 to keep the package small and loaded as float32. Nothing here touches the network.
+stored as int8 with one scale per row (`to_int8_rows`) to keep the package small and loaded as
+float32. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -33,14 +34,78 @@ def _prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+INT8_FORMAT = "hetfl-int8-rows"  # safetensors metadata "format" of a checkpoint stored by `to_int8_rows`
+SCALE_SUFFIX = ".int8_scale"
+
+
+def to_int8_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Compact storage of a state dict (halves a float16 checkpoint, keeps the package small).
+
+    Each 2-D weight (R, C) becomes int8 codes (R, C) plus one float16 scale per row (R,):
+    ``code = round(w / scale)``, ``scale = absmax(row) / 127``, computed from the weight rounded
+    to float16 first (so a float16 checkpoint converts to exactly what training would have
+    written). Other tensors (norms) are stored in float16. Inverse: `from_int8_rows`.
+    """
+    out = {}
+    for name, w in state.items():
+        w16 = w.detach().to(torch.float16)
+        if w.ndim != 2:
+            out[name] = w16.contiguous()
+            continue
+        w16 = w16.float()
+        scale = (w16.abs().amax(dim=1) / 127).to(torch.float16)  # (R,)
+        safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(1)  # (R, 1); zero rows stay 0
+        out[name] = torch.round(w16 / safe).clamp(-127, 127).to(torch.int8).contiguous()
+        out[name + SCALE_SUFFIX] = scale.contiguous()
+    return out
+
+
+def from_int8_rows(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32 state dict from `to_int8_rows`'s storage form."""
+    state = {}
+    for name, t in stored.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = stored.get(name + SCALE_SUFFIX)
+        state[name] = t.float() if scale is None else t.float() * scale.float().unsqueeze(1)  # (R, C)
+    return state
+
+
+def _load_int8_folder(path: Path):
+    """A LlamaForCausalLM-style folder whose weights are stored by `to_int8_rows`."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the global RNG untouched
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(from_int8_rows(load_file(path / "model.safetensors")), strict=False)
+    if unexpected or any(k != "lm_head.weight" or not config.tie_word_embeddings for k in missing):
+        raise ValueError(f"weights do not match the config (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    return model
+
+
+def _stored_format(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    f = path / "model.safetensors"
+    if not f.is_file():
+        return None
+    with safe_open(f, "pt") as h:
+        return (h.metadata() or {}).get("format")
+
+
 def _load_folder(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        # float32 whatever the storage dtype: training and evaluation run on a CPU.
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        if _stored_format(path) == INT8_FORMAT:
+            model = _load_int8_folder(path)
+        else:  # float32 whatever the storage dtype: training and evaluation run on a CPU.
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: cannot load a causal LM from '{path}': {e}") from None
     model.eval()
