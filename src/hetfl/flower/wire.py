@@ -5,7 +5,8 @@ A hetfl `Message` travels as a Flower RecordDict with two records:
     "tensors": ArrayRecord   one Array per tensor: raw bytes, torch dtype and shape (bit-exact,
                              any dtype, bfloat16 included)
     "hetfl":   ConfigRecord  "kind", "meta" (JSON), "names" (tensor order), and per direction
-                             the numbers the round loop needs (see `DOWN_FIELDS`, `UP_FIELDS`)
+                             the numbers the round loop needs (down: CID, RND, KNOBS, MEM;
+                             up: FLOPS, MEM, LOCAL_TOTAL, SELECTION_FLOPS)
 
 Tensors are sent as the link decoded them: the Link has already applied the codec and counted
 its bytes on the server, so the ledger is the same as in the simulator.
@@ -26,8 +27,6 @@ TENSORS, HEADER = "tensors", "hetfl"
 KIND, META, NAMES = "kind", "meta", "names"
 CID, RND, KNOBS, MEM = "cid", "rnd", "knobs", "mem_bytes"  # down: who trains, and with what settings
 FLOPS, LOCAL_TOTAL, SELECTION_FLOPS = "flops", "local_total", "selection_flops"  # up, with MEM
-DOWN_FIELDS = (CID, RND, KNOBS, MEM)
-UP_FIELDS = (FLOPS, MEM, LOCAL_TOTAL, SELECTION_FLOPS)
 TRAIN = "train"  # Flower message type of a round's client update
 
 # run_config keys (the Flower app's [tool.flwr.app.config]); one source of truth: the YAML config
