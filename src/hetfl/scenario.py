@@ -7,7 +7,7 @@ and population, but client data only ever reaches `ClientContext.data`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,19 @@ from hetfl.engine.api import derive_seed
 from hetfl.errors import ConfigError
 
 
+def _shipped_server():
+    from hetfl.system.devices import load_server
+
+    return load_server()
+
+
 @dataclass
 class Population:
     """Who the clients are: one device tier per client and the tier profiles."""
 
     tiers: list[str]  # tier name per client id
     profiles: dict[str, Any]  # tier name -> DeviceProfile
+    server: Any = field(default_factory=_shipped_server)  # ServerProfile: the server of split methods
 
     def device(self, cid: int):
         return self.profiles[self.tiers[cid]]
@@ -68,12 +75,12 @@ class Scenario:
 
 
 def build_population(cfg: Config) -> Population:
-    from hetfl.system.devices import assign_tiers, load_tiers
+    from hetfl.system.devices import assign_tiers, load_server, load_tiers
 
     profiles = load_tiers(cfg.population.devices_file)
     rng = np.random.default_rng(derive_seed(cfg.seed, "population"))
     tiers = assign_tiers(cfg.population.num_clients, cfg.population.tiers, profiles, rng)
-    return Population(tiers, profiles)
+    return Population(tiers, profiles, load_server(cfg.population.devices_file))
 
 
 def dataset_kind(name: str) -> str:

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hetfl.config import preset_names, read_yaml, resolve_preset
     from hetfl.registry import CODECS, METHODS
-    from hetfl.system.devices import load_tiers
+    from hetfl.system.devices import load_server, load_tiers
 
     con = Console(width=max(120, Console().width))  # wide enough that names are never elided
     t = Table(title="methods")
@@ -44,4 +44,5 @@ def run(args: argparse.Namespace) -> int:
         t.add_row(name, f"{d.flops_per_s / 1e9:g}", f"{d.mem_mb:g}", f"{d.up_mbps:g}", f"{d.down_mbps:g}",
                   f"{d.tx_power_w:g}", f"{d.cpu_hz / 1e9:g}", f"{d.kappa:g}")
     con.print(t)
+    con.print(f"server (split methods): {load_server(args.devices_file).flops_per_s / 1e9:g} GFLOP/s")
     return 0

@@ -13,6 +13,7 @@ from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, generator, weighted_mean
 from hetfl.engine.link import DOWN, UP, Ledger, Link
 from hetfl.engine.sim import SimulatedBackend
 from hetfl.errors import ConfigError
+from hetfl.eval.metrics import EVAL_CLIENT_N, EVAL_N
 from hetfl.system.memory import fits
 
 MIB = 2**20  # memory is reported in MiB, like the device profiles
@@ -74,7 +75,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             `client_states` and `flop_cache` that checkpoints keep); None: the in-process
             SimulatedBackend. hetfl.flower.backend.FlowerBackend runs the same round on Flower.
     """
-    from hetfl.system.cost import client_cost, round_time
+    from hetfl.system.cost import fixed_costs, round_time
 
     cfg: Config = scenario.cfg
     ledger = Ledger()
@@ -120,12 +121,19 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         rows = []
         ups = {c: ledger.bytes(rnd=rnd, cid=c, direction=UP) for c in cids}
         downs = {c: ledger.bytes(rnd=rnd, cid=c, direction=DOWN) for c in cids}
+        # A method that fixes the order its server serves clients in (`client_order`: SplitFed V2,
+        # vanilla SL) serves them one at a time: each waits for the previous ones, alone on the server.
+        sequential = hasattr(method, "client_order")
+        server_flops = getattr(method, "server_flops_by_client", {})  # split methods: the server's work per client
         if wireless is not None:  # Shannon rates from each client's bandwidth, power and channel
             costs = wireless.costs(cids, {c: ctxs[c].device for c in cids}, {c: ctxs[c].flops for c in cids}, ups,
-                                   downs, getattr(method, "server_flops_by_client", {}),
-                                   method.radio(rnd, cids) if hasattr(method, "radio") else None)
-        else:
-            costs = {c: client_cost(ctxs[c].device, ctxs[c].flops, ups[c], downs[c]) for c in cids}
+                                   downs, server_flops, method.radio(rnd, cids) if hasattr(method, "radio") else None,
+                                   sequential=sequential)
+        else:  # the tiers' fixed link rates; the server of devices.yaml (or population.devices_file)
+            costs = fixed_costs(cids, {c: ctxs[c].device for c in cids}, {c: ctxs[c].flops for c in cids}, ups,
+                                downs, server_flops, scenario.population.server, sequential=sequential,
+                                server_of=getattr(method, "server_of", None))
+        t_round = round_time(costs.values(), sequential=sequential)
         for cid in cids:
             ctx, up, dn, c = ctxs[cid], ups[cid], downs[cid], costs[cid]
             meta = replies[cid].meta if cid in replies else {}  # absent: skipped (empty coreset)
@@ -144,7 +152,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         up_r, dn_r = ledger.bytes(rnd=rnd, direction=UP), ledger.bytes(rnd=rnd, direction=DOWN)
         totals.bytes_up += up_r
         totals.bytes_down += dn_r
-        totals.sim_time_s += round_time(costs.values())
+        totals.sim_time_s += t_round
         totals.energy_j += sum(c.energy_j for c in costs.values())
         totals.flops += sum(ctxs[c].flops for c in cids)
         losses = {c: float(r.meta.get(TRAIN_LOSS, float("nan"))) for c, r in replies.items()}
@@ -153,7 +161,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             "round": rnd, "train_loss": weighted_mean(losses, weights),
             "bytes_up": up_r, "bytes_down": dn_r,
             "bytes_up_total": totals.bytes_up, "bytes_down_total": totals.bytes_down,
-            "round_time_s": round_time(costs.values()), "sim_time_s": totals.sim_time_s,
+            "round_time_s": t_round, "sim_time_s": totals.sim_time_s,
             "round_energy_j": sum(c.energy_j for c in costs.values()), "energy_j": totals.energy_j,
             "client_flops": sum(ctxs[c].flops for c in cids), "flops_total": totals.flops,
             "client_mem_peak_mb": max(ctxs[c].mem_bytes for c in cids) / MIB,
@@ -199,7 +207,10 @@ def evaluate(scenario, method, state, client_states: dict[int, dict]) -> dict[st
         else:
             model = method.eval_model(state)
         for k, v in scenario.task.evaluate(model, samples).items():
-            per.setdefault(k, []).append(v)
+            if isinstance(v, (int, float)):  # per-family dicts stay a global-evaluation detail
+                per.setdefault(k, []).append(v)
+    if EVAL_N in per:  # items scored over all clients' test splits: a total, not a mean
+        out[EVAL_CLIENT_N] = int(sum(per.pop(EVAL_N)))
     for k, vs in per.items():
         t = torch.tensor(vs, dtype=torch.float64)
         name = k.removeprefix("eval_")

@@ -73,6 +73,12 @@ def optimizer_state_factor(cfg: Config) -> int:
     return 1 if cfg.train.momentum > 0 else 0
 
 
+def tokens_per_sample(model: torch.nn.Module, cfg: Config) -> int:
+    """Tokens a transformer block sees per sample: the model config's `num_tokens` when it has
+    one (tiny-vit: its patches), else text's `data.max_len`."""
+    return int(getattr(getattr(model, "config", None), "num_tokens", cfg.data.max_len))
+
+
 def estimate_memory(model: torch.nn.Module, trainable: int, cfg: Config) -> int:
     """Peak training memory (bytes) of a client holding `model` and training `trainable` params."""
     from hetfl.system.memory import estimate_training_memory, transformer_activation_bytes
@@ -81,7 +87,7 @@ def estimate_memory(model: torch.nn.Module, trainable: int, cfg: Config) -> int:
     c = getattr(model, "config", None)
     act = 0  # models without a transformer config (toy nets) have negligible activations
     if c is not None and hasattr(c, "hidden_size"):
-        act = transformer_activation_bytes(cfg.train.batch_size, cfg.data.max_len, c.hidden_size,
+        act = transformer_activation_bytes(cfg.train.batch_size, tokens_per_sample(model, cfg), c.hidden_size,
                                            c.num_hidden_layers, intermediate=getattr(c, "intermediate_size", None))
     opt = "adamw" if cfg.train.optimizer == "adamw" else ("sgd_momentum" if cfg.train.momentum > 0 else "sgd")
     return estimate_training_memory(total - trainable, trainable, optimizer=opt, activation_bytes=act)
@@ -116,6 +122,8 @@ class ParamAveraging:
     Down: the current global tensors (kind "model"). Up: the client's deltas (kind "update").
     Aggregate: example-weighted (or uniform) mean of deltas, then the server optimiser.
     """
+
+    supports_selection = True  # `load` puts the whole global model on the client: data selection can run
 
     def __init__(self, cfg: Config, mcfg: AvgConfig):
         self.cfg, self.mcfg = cfg, mcfg

@@ -25,7 +25,7 @@ from torch import nn
 from hetfl.engine.api import (NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, derive_seed, generator,
                              iter_sorted)
 from hetfl.errors import ConfigError
-from hetfl.methods.common import AvgConfig, ServerOptimizer, estimate_memory, local_train
+from hetfl.methods.common import AvgConfig, ServerOptimizer, estimate_memory, local_train, tokens_per_sample
 from hetfl.models.lora import inject_lora, load_lora_state_dict, lora_modules, lora_state_dict
 from hetfl.system.cost import client_cost
 from hetfl.system.memory import fits
@@ -133,6 +133,8 @@ class HetRankLoRA:
     Subclasses implement `setup` (calling `setup_ranks`), `configure`, `client_update`,
     `aggregate` and `eval_model`.
     """
+
+    supports_selection = True  # `load` puts the client's rank-k model in place: data selection can run
 
     def __init__(self, cfg, mcfg: HetRankConfig):
         self.cfg, self.mcfg = cfg, mcfg
@@ -260,7 +262,7 @@ class HetRankLoRA:
         """
         model = self.scenario.model
         frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-        per_sample = self.cfg.data.max_len if hasattr(getattr(model, "config", None), "hidden_size") else 1
+        per_sample = tokens_per_sample(model, self.cfg) if hasattr(getattr(model, "config", None), "hidden_size") else 1
         tokens = self.cfg.train.local_steps * self.cfg.train.batch_size * per_sample
         return float(tokens * (4 * frozen + 6 * k * self.units))
 
@@ -289,6 +291,12 @@ class HetRankLoRA:
         return {**out, **state.get("stats", {})}
 
     # -- client side ------------------------------------------------------------------
+    def load(self, msg: Message, ctx: ClientContext) -> None:
+        """Put the model the client starts from into `ctx.model`: its rank-k factors from `msg` at
+        scaling `local_scale(k)`, and the global head (data selection runs on this model)."""
+        load_factors(ctx.model, msg.tensors, self.local_scale)
+        self.load_head(ctx.model, msg.tensors)
+
     def train_factors(self, ctx: ClientContext, start: dict[str, torch.Tensor],
                       head: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Load the rank-k factors `start` with scaling `local_scale(k)` (and the global `head`),

@@ -27,7 +27,10 @@ class SplitFedV2Config(SplitConfig):
 @register_method("splitfed-v2", SplitFedV2Config, "SplitFed V2: one server-side model trained by clients in turn")
 class SplitFedV2(SplitFedBase):
     def client_order(self, rnd: int, cids: list[int]) -> list[int]:
-        """The order the server serves this round's clients in: a seeded permutation."""
+        """The order the server serves this round's clients in: a seeded permutation.
+
+        Defining this hook declares that the server serves clients one after another: the loop
+        times the round as the sum of its clients' times, each alone on the server."""
         perm = torch.randperm(len(cids), generator=generator(self.cfg.seed, rnd, "splitfed-v2-order"))
         return [cids[i] for i in perm.tolist()]
 

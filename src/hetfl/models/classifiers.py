@@ -101,6 +101,12 @@ class TinyViTConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens every block sees per image (memory estimates read it): the patches only, as
+        the head mean-pools them and there is no CLS token."""
+        return self.num_patches
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens, plus learned position embeddings."""

@@ -10,6 +10,11 @@ Networks", INFOCOM):
     t_down = 8 * bytes_down / (down_mbps * 1e6)
     e_comp = kappa * f**2 * cycles,   cycles = t_comp * f      (dynamic CMOS power)
     e_tx   = tx_power_w * t_up
+    t_server = server_flops * n / server_flops_per_s   (split methods: waiting for the server)
+
+`n` is the number of clients the server serves at once: the round's clients that use it, or 1
+for a method that serves them one after another (`client_order`), whose round then lasts the
+sum of its clients' times instead of the slowest one's.
 
 Link rates are fixed per device here; a Shannon-rate model (B log2(1 + p h / N0)) belongs in
 the allocation code that chooses bandwidth and power.
@@ -17,10 +22,11 @@ the allocation code that chooses bandwidth and power.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from hetfl.system.devices import DeviceProfile
+from hetfl.system.devices import DeviceProfile, ServerProfile
 
 
 @dataclass(frozen=True)
@@ -105,16 +111,75 @@ def client_cost(dev: DeviceProfile, flops: float, bytes_up: int, bytes_down: int
     )
 
 
-def round_time(costs: Iterable[Cost]) -> float:
-    """Duration of a synchronous round: the server waits for the slowest client.
+def server_time(server_flops: float, server_flops_per_s: float, sharing: int = 1) -> float:
+    """Seconds a client waits for its server work when ``sharing`` clients split the server's
+    FLOP/s equally: ``server_flops * sharing / server_flops_per_s``.
+
+    Args:
+        server_flops: FLOPs the server spends on this client in the round, >= 0.
+        server_flops_per_s: The server's sustained FLOP/s, > 0.
+        sharing: Clients the server serves at once, >= 1.
+
+    Returns:
+        The waiting time in seconds.
+    """
+    return server_flops * sharing / server_flops_per_s
+
+
+def served_at_once(cids: Iterable[int], *, sequential: bool = False,
+                   server_of: dict[int, int] | None = None) -> dict[int, int]:
+    """How many clients share each client's server: those of ``cids`` on the same server
+    (``server_of``; absent: one server for all), or 1 for a method serving them in sequence."""
+    cids = list(cids)
+    if sequential:
+        return {c: 1 for c in cids}
+    group = server_of or {}
+    counts = Counter(group.get(c, 0) for c in cids)
+    return {c: counts[group.get(c, 0)] for c in cids}
+
+
+def fixed_costs(cids: list[int], devices: dict[int, DeviceProfile], flops: dict, up: dict, down: dict,
+                server_flops: dict[int, float], server: ServerProfile, *, sequential: bool = False,
+                server_of: dict[int, int] | None = None) -> dict[int, Cost]:
+    """One `Cost` per client of the round on the devices' fixed link rates (the default costing).
+
+    Each client's cost is `client_cost` plus ``t_server = server_time(server_flops[c],
+    server.flops_per_s, n)``, ``n`` from `served_at_once` over the clients with server work.
+
+    Args:
+        cids: The round's clients.
+        devices, flops, up, down: Per client: profile, local FLOPs, bytes up and down.
+        server_flops: Per client: server FLOPs spent on it (split methods; absent: 0).
+        server: The server's profile (`devices.yaml` `server:`).
+        sequential: The server serves the clients one after another.
+        server_of: Per client: which server serves it (several edge servers); absent: one.
+
+    Returns:
+        Client id -> cost.
+    """
+    n = served_at_once([c for c in cids if server_flops.get(c, 0.0) > 0], sequential=sequential,
+                       server_of=server_of)
+    return {c: replace(client_cost(devices[c], flops[c], up[c], down[c]),
+                       t_server=server_time(server_flops.get(c, 0.0), server.flops_per_s, n.get(c, 1)))
+            for c in cids}
+
+
+def round_time(costs: Iterable[Cost], sequential: bool = False) -> float:
+    """Duration of a synchronous round.
 
     Args:
         costs: One cost per participating client.
+        sequential: The clients are served one after another (each waits for the previous
+            one), as in SplitFed V2 and vanilla split learning.
 
     Returns:
-        ``max(c.time_s)``, or 0.0 when no client took part.
+        ``sum(c.time_s)`` when sequential, else ``max(c.time_s)`` (the server waits for the
+        slowest client); 0.0 when no client took part.
     """
-    return max((c.time_s for c in costs), default=0.0)
+    times = [c.time_s for c in costs]
+    if sequential:
+        return float(sum(times))
+    return max(times, default=0.0)
 
 
 def equal_radio(wcfg, server_of: dict[int, int]) -> dict[int, tuple[float, float, int]]:
@@ -156,8 +221,10 @@ class WirelessCost:
         return equal_radio(self.cfg, {c: int(s) for c, s in zip(cids, nearest)})
 
     def costs(self, cids: list[int], devices: dict, flops: dict, up: dict, down: dict,
-              server_flops: dict, radio: dict[int, tuple[float, float, int]] | None = None) -> dict[int, Cost]:
-        """One `Cost` per client of the round (all dicts keyed by client id)."""
+              server_flops: dict, radio: dict[int, tuple[float, float, int]] | None = None,
+              sequential: bool = False) -> dict[int, Cost]:
+        """One `Cost` per client of the round (all dicts keyed by client id); `sequential`: the
+        server serves the clients one after another, each alone (n_s = 1)."""
         import numpy as np
 
         from hetfl.system.wireless import down_rate, noise_psd_w, server_counts, shannon_rate
@@ -171,12 +238,12 @@ class WirelessCost:
         h = ch.gain[np.arange(len(cids)), server]
         r_up = shannon_rate(band, power, h, noise_psd_w(self.cfg))
         r_dn = down_rate(self.cfg, ch, server)
-        n_s = server_counts(server, ch.num_servers)
+        n_s = np.ones(len(cids), dtype=int) if sequential else server_counts(server, ch.num_servers)
         out = {}
         for i, c in enumerate(cids):
             local = client_cost(devices[c], flops[c], 0, 0)  # computing time and energy: the same model
             t_up = 8.0 * up[c] / r_up[i] if up[c] else 0.0
             out[c] = Cost(t_comp=local.t_comp, t_up=t_up, t_down=8.0 * down[c] / r_dn[i] if down[c] else 0.0,
                           e_comp=local.e_comp, e_tx=float(power[i]) * t_up,
-                          t_server=server_flops.get(c, 0.0) * n_s[i] / self.cfg.server_flops_per_s)
+                          t_server=server_time(server_flops.get(c, 0.0), self.cfg.server_flops_per_s, int(n_s[i])))
         return out

@@ -12,6 +12,12 @@ saying where it comes from. A user file of the same shape replaces them:
         tx_power_w: 0.2
         cpu_hz: 1.2e+9
         kappa: 1.0e-28
+    server:               # optional; without it the shipped server entry applies
+      flops_per_s: 2.5e+12
+
+The ``server`` entry is the (edge) server that runs split methods' server side; a client's
+wait for it is ``server_flops * n / flops_per_s`` with ``n`` clients served at once
+(system/cost.py).
 """
 
 from __future__ import annotations
@@ -44,7 +50,16 @@ class DeviceProfile:
     kappa: float
 
 
+@dataclass(frozen=True)
+class ServerProfile:
+    """The server of split methods: the FLOP/s its training steps sustain."""
+
+    name: str
+    flops_per_s: float
+
+
 _FIELDS = tuple(f.name for f in dataclasses.fields(DeviceProfile) if f.name != "name")
+_SERVER_FIELDS = ("flops_per_s",)
 # Fields that divide something (time = work / rate) must be strictly positive; the two energy
 # coefficients may be zero to switch an energy term off.
 _MAY_BE_ZERO = frozenset({"tx_power_w", "kappa"})
@@ -55,8 +70,9 @@ def load_tiers(path: str | None = None) -> dict[str, DeviceProfile]:
     """Load device tiers from YAML.
 
     Args:
-        path: A YAML file with a top-level ``tiers:`` mapping of tier name to fields. ``None``
-            loads the packaged ``hetfl/system/devices.yaml``.
+        path: A YAML file with a top-level ``tiers:`` mapping of tier name to fields (and
+            optionally a ``server:`` entry, see `load_server`). ``None`` loads the packaged
+            ``hetfl/system/devices.yaml``.
 
     Returns:
         Tier name -> profile, in file order.
@@ -66,6 +82,43 @@ def load_tiers(path: str | None = None) -> dict[str, DeviceProfile]:
             missing, non-numeric, non-finite or negative field. The message starts with
             ``<file>: <tier>.<field>``.
     """
+    label, doc = _read(path)
+    if not doc["tiers"]:
+        raise ConfigError(f"{label}: tiers: no device tiers defined")
+    return {str(name): _parse_tier(label, str(name), spec) for name, spec in doc["tiers"].items()}
+
+
+def load_server(path: str | None = None) -> ServerProfile:
+    """Load the ``server:`` entry of a device file; a user file without one gets the packaged one.
+
+    Args:
+        path: A device YAML (as for `load_tiers`); ``None`` loads the packaged one.
+
+    Returns:
+        The server profile.
+
+    Raises:
+        ConfigError: As `load_tiers`, for the file and for the entry's fields
+            (``<file>: server.<field>``).
+    """
+    label, doc = _read(path)
+    if "server" not in doc:
+        if path is None:
+            raise ConfigError(f"{label}: server: missing entry")
+        return load_server(None)
+    spec = doc["server"]
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{label}: server: expected a mapping of fields ({', '.join(_SERVER_FIELDS)})")
+    unknown = sorted(set(map(str, spec)) - set(_SERVER_FIELDS))
+    if unknown:
+        raise ConfigError(f"{label}: server.{unknown[0]}: unknown field (known: {', '.join(_SERVER_FIELDS)})")
+    if "flops_per_s" not in spec:
+        raise ConfigError(f"{label}: server.flops_per_s: missing field")
+    return ServerProfile("server", _number(label, "server", "flops_per_s", spec["flops_per_s"]))
+
+
+def _read(path: str | None) -> tuple[str, dict]:
+    """(label for messages, parsed document with a `tiers:` mapping and maybe `server:`)."""
     if path is None:
         label = f"{_PACKAGED} (packaged)"
         text = resources.files("hetfl.system").joinpath(_PACKAGED).read_text(encoding="utf-8")
@@ -82,11 +135,10 @@ def load_tiers(path: str | None = None) -> dict[str, DeviceProfile]:
         where = f"{label}:{mark.line + 1}" if mark is not None else label
         raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
 
-    if not isinstance(doc, dict) or set(doc) != {"tiers"} or not isinstance(doc["tiers"], dict):
-        raise ConfigError(f"{label}: expected a single top-level 'tiers:' mapping")
-    if not doc["tiers"]:
-        raise ConfigError(f"{label}: tiers: no device tiers defined")
-    return {str(name): _parse_tier(label, str(name), spec) for name, spec in doc["tiers"].items()}
+    if (not isinstance(doc, dict) or "tiers" not in doc or not set(doc) <= {"tiers", "server"}
+            or not isinstance(doc["tiers"], dict)):
+        raise ConfigError(f"{label}: expected a top-level 'tiers:' mapping (and optionally 'server:')")
+    return label, doc
 
 
 def _parse_tier(label: str, name: str, spec: object) -> DeviceProfile:
