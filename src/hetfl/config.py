@@ -158,6 +158,10 @@ class EvalConfig:
     max_new_tokens: int = 12
     batch_size: int = 48
     at_start: bool = True  # evaluate the untouched base model as round 0
+    # `test`: the held-out evaluation set; `validation`: a share (`val_fraction`) of every
+    # client's training data, held out from training (what `hetfl tune` selects on)
+    split: Literal["test", "validation"] = "test"
+    val_fraction: float = 0.1
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.every < 1:
@@ -166,6 +170,8 @@ class EvalConfig:
             yield "max_new_tokens", "must be >= 1"
         if self.batch_size < 1:
             yield "batch_size", "must be >= 1"
+        if not 0.0 < self.val_fraction < 1.0:
+            yield "val_fraction", "must be in (0, 1)"
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,7 @@ class Config:
     name: str = "run"
     description: str = ""
     seed: int = 0
+    seeds: tuple[int, ...] = ()  # `hetfl compare` runs every method once per seed (empty: `seed` only)
     rounds: int = 10
     checkpoint_every: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -274,6 +281,10 @@ class Config:
             yield "checkpoint_every", "must be >= 1"
         if self.seed < 0:
             yield "seed", "must be >= 0"
+        if any(s < 0 for s in self.seeds):
+            yield "seeds", "every seed must be >= 0"
+        if len(set(self.seeds)) != len(self.seeds):
+            yield "seeds", "seeds must be distinct"
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -513,3 +524,22 @@ def to_dict(cfg: Any) -> dict:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def read_tuned(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A tuned-values file, as `hetfl tune` writes it: method name -> {dotted key: value}."""
+    raw = read_yaml(path)
+    for method, values in raw.items():
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            raise ConfigError(f"{path}: '{method}' must map dotted keys to values (e.g. train.lr: 0.001)")
+    return raw
+
+
+def tuned_overrides(path: str | Path, method: str) -> list[str]:
+    """`--set`-style overrides for `method` from a tuned-values file (`--set-file`)."""
+    import json
+
+    tuned = read_tuned(path)
+    if method not in tuned:
+        raise ConfigError(f"--set-file {path}: no values for method '{method}' (it has: {', '.join(tuned) or 'none'})")
+    return [f"{k}={json.dumps(v)}" for k, v in tuned[method].items()]

@@ -68,6 +68,7 @@ class Scenario:
     population: Population
     client_test: list[list] | None = None  # per client: local test samples (per-client evaluation)
     client_clusters: list[int] | None = None  # per client: latent cluster id (data.clusters > 0)
+    validation: list | None = None  # eval.split = validation: samples held out of the clients' training data
 
     @property
     def num_clients(self) -> int:
@@ -125,8 +126,34 @@ def build_scenario(cfg: Config) -> Scenario:
     clusters = None
     if cfg.data.clusters > 0 or td.cluster_transform is not None:
         client_data, client_test, clusters = _apply_clusters(cfg, td, client_data, client_test)
+    validation = None
+    if cfg.eval.split == "validation":
+        client_data, client_labels, validation = carve_validation(client_data, client_labels, cfg.eval.val_fraction,
+                                                                  derive_seed(cfg.seed, "validation"))
     return Scenario(cfg, td.model, td.tokenizer, td.task, client_data, client_labels, td.categories, population,
-                    client_test, clusters)
+                    client_test, clusters, validation)
+
+
+def carve_validation(client_data: list[list], client_labels: list[list[int]], fraction: float, seed: int):
+    """Hold out `fraction` of every client's training samples (at least one, never its last) as a
+    validation set, so settings are chosen without touching the evaluation set.
+
+    The pooled set stands for what the clients would evaluate locally and report as numbers
+    (for mean metrics such as accuracy the pooled value equals the example-weighted mean of
+    theirs). Returns (client_data, client_labels, validation), the first two without the
+    held-out samples.
+    """
+    rng = np.random.default_rng(seed)
+    data, labels, val = [], [], []
+    for d, lab in zip(client_data, client_labels):
+        n_val = min(max(1, int(round(len(d) * fraction))), len(d) - 1)
+        held = set(rng.permutation(len(d))[:n_val].tolist())
+        val += [d[i] for i in sorted(held)]
+        data.append([x for i, x in enumerate(d) if i not in held])
+        labels.append([x for i, x in enumerate(lab) if i not in held])
+    if not val:
+        raise ConfigError("eval.split: validation needs clients with at least 2 training samples")
+    return data, labels, val
 
 
 def _apply_clusters(cfg: Config, td: TaskData, client_data, client_test):

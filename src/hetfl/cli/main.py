@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
-from hetfl.errors import HetflError
+from hetfl.errors import HetflError, HetflWarning
 
-SUBCOMMANDS = ("run", "compare", "report", "validate", "list", "export")
+SUBCOMMANDS = ("run", "compare", "tune", "report", "validate", "list", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,11 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning) -> str:
+    """hetfl's own warnings as one `hetfl: warning: ...` line; others as Python prints them."""
+    if issubclass(category, HetflWarning):
+        return f"hetfl: warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress bar is the one to watch
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _format_warning
     try:
         return int(args.func(args) or 0)
     except HetflError as e:

@@ -12,6 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="preset name (see `hetfl list`) or YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key by dotted path, e.g. --set rounds=3 --set method.name=fedavg-full")
+    p.add_argument("--set-file", metavar="YAML", help="the run's method's values from a tuned-values file (`hetfl tune`)")
     p.add_argument("--out", help="run directory (default runs/<name>)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         if args.backend == "flower":
             raise ConfigError("--resume: resuming runs only on --backend sim (Flower clients keep their state on "
                               "their SuperNodes)")
-        if args.config or args.overrides:
+        if args.config or args.overrides or args.set_file:
             raise ConfigError("--resume DIR takes no config or --set (the run's own config.yaml is used)")
         cfg_path = Path(args.resume) / "config.yaml"
         if not cfg_path.is_file():
@@ -47,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.config:
             raise ConfigError("run: give a preset name or a YAML file (or --resume DIR)")
         cfg = load_config(args.config, args.overrides)
+        if args.set_file:  # the tuned values of the method this run uses; explicit --set still wins
+            from hetfl.config import tuned_overrides
+
+            cfg = load_config(args.config, [*tuned_overrides(args.set_file, cfg.method.name), *args.overrides])
         out = Path(args.out) if args.out else Path("runs") / cfg.name
     label = f"{cfg.name} [{cfg.method.name}{', flower' if args.backend == 'flower' else ''}]"
     with round_progress(label, cfg.rounds) as on_round:

@@ -194,7 +194,10 @@ def evaluate(scenario, method, state, client_states: dict[int, dict]) -> dict[st
     """Global evaluation on the server's held-out set, plus per-client evaluation on each
     client's own test split when the scenario has them (run on the client; only the numbers
     travel). Personalised methods provide `client_eval_model(state, cid, client_state)`."""
-    out = scenario.task.evaluate(method.eval_model(state))
+    if scenario.validation is not None:  # tuning: the validation share of the clients' data, never the test set
+        out = scenario.task.evaluate(method.eval_model(state), scenario.validation)
+    else:
+        out = scenario.task.evaluate(method.eval_model(state))
     tests = getattr(scenario, "client_test", None)
     if not tests or not any(tests):
         return out

@@ -63,8 +63,50 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict]]], out_png: Path, title: 
     return metric
 
 
+def plot_groups(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], out_png: Path, title: str = "") -> str | None:
+    """Like `plot_runs`, one curve per method over several seeds: the mean across seeds, with a
+    band of the 95% t-interval of the mean at every evaluated round (no band for one seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hetfl.track.stats import mean_ci
+
+    metric = next((primary_metric(h) for _, hs in groups for h in hs if primary_metric(h)), None)
+    if metric is None:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (xkey, xlabel, _) in zip(axes.flat, AXES):
+        for label, hs in groups:
+            series = [_points(h, metric, xkey) for h in hs]
+            n = min(len(xs) for xs, _ in series)  # rounds every seed has evaluated
+            if n == 0:
+                continue
+            xs = [mean_ci([s[0][i] for s in series])[0] for i in range(n)]
+            stats = [mean_ci([s[1][i] for s in series]) for i in range(n)]
+            ys = [m for m, _ in stats]
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{label} (n={len(hs)})")
+            if len(hs) > 1:
+                ax.fill_between(xs, [m - h for m, h in stats], [m + h for m, h in stats], color=line.get_color(),
+                                alpha=0.2, linewidth=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric.removeprefix("eval_"))
+        if xkey == "mb_total":
+            ax.set_xscale("symlog", linthresh=0.1)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title or f"{metric.removeprefix('eval_')} against cost (mean over seeds, 95% interval)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return metric
+
+
 def _table(history: Sequence[dict]) -> str:
-    cols = ["round", "train_loss"] + sorted({k for m in history for k in m if k.startswith("eval_")}) + [
+    # Scalar eval_* metrics only: per-family dicts (eval_rougeL_by_family) do not fit a table cell.
+    cols = ["round", "train_loss"] + sorted({k for m in history for k, v in m.items()
+                                             if k.startswith("eval_") and not isinstance(v, dict)}) + [
         "bytes_up_total", "bytes_down_total", "sim_time_s", "energy_j", "client_mem_peak_mb"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m in history:
@@ -128,6 +170,11 @@ def write_report(run_dir: str | Path) -> Path:
         parts += [f"Final {metric}: **{last.get(metric, float('nan')):.3f}** after round {last.get('round')}.", "",
                   "![quality against cost](quality.png)", ""]
     parts += ["## Per round", "", _table(history), ""]
+    fams = next((m["eval_rougeL_by_family"] for m in reversed(history) if "eval_rougeL_by_family" in m), None)
+    if fams:  # instruction tasks: the last evaluation's score per held-out task family
+        counts = next(m.get("eval_n_by_family", {}) for m in reversed(history) if "eval_rougeL_by_family" in m)
+        parts += ["## Rouge-L per task family (last evaluation)", "", "| family | rougeL | items |", "|---|---|---|",
+                  *(f"| {f} | {v:.2f} | {counts.get(f, '')} |" for f, v in fams.items()), ""]
     if kinds:
         parts += ["## Bytes by message kind (last round)", "", "```", json.dumps(kinds, indent=1), "```", ""]
     if (d / "tradeoff.csv").exists():  # methods that allocate radio resources (sflam)

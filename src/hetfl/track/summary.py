@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-from hetfl.track.report import plot_runs, primary_metric
+from hetfl.errors import ConfigError
+from hetfl.track.report import primary_metric
 from hetfl.track.rundir import read_metrics
-
-SUMMARY_COLUMNS = ["run", "method", "final_quality_metric", "final_quality", "base_quality", "mb_up", "mb_down",
-                   "sim_time_s", "energy_j", "latency_s_per_round", "energy_j_per_round", "client_mem_peak_mb",
-                   "client_gflops", "rounds"]
-
 
 def summarize(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     metric = primary_metric(history)
@@ -49,37 +46,128 @@ def print_run_summary(cfg, history, out: Path) -> None:
     con.print(f"outputs in {out}/ (report.md, metrics.jsonl, clients.csv)")
 
 
-def compare_rows(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+def run_row(d: Path) -> dict[str, Any]:
+    """One finished run's summary plus every numeric metric of its last evaluation."""
     import yaml
 
-    rows = []
-    for d in dirs:
-        cfg = yaml.safe_load((d / "config.yaml").read_text())
-        rows.append({"run": d.name, "method": cfg["method"]["name"], **summarize(read_metrics(d / "metrics.jsonl"))})
-    return rows
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    history = read_metrics(d / "metrics.jsonl")
+    row = {"run": d.name, "method": cfg["method"]["name"], "seed": cfg["seed"], **summarize(history)}
+    last_eval = next((m for m in reversed(history) if any(k.startswith("eval_") for k in m)), {})
+    for k, v in last_eval.items():
+        if k.startswith("eval_") and _is_number(v):
+            row[k] = v
+    return row
 
 
-def write_compare(root: Path, rows: list[dict[str, Any]], dirs: Sequence[Path]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+def compare_rows(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """One row per run folder (see `run_row`)."""
+    return [run_row(d) for d in dirs]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+NOT_METRICS = ("seed", "rounds")
+
+
+def aggregate(groups: dict[str, list[dict[str, Any]]], baseline: str | None = None) -> list[dict[str, Any]]:
+    """One row per compared label from its runs (one per seed): `seeds`, and for every numeric
+    final metric `<metric>_mean` and `<metric>_ci95` (half-width of the 95% t-interval; 0 for one
+    seed). With `baseline` (a label), `vs_<baseline>` is the paired test's verdict on the primary
+    metric over the seeds both share, with the mean difference and its interval."""
+    from hetfl.track.stats import higher_is_better, mean_ci, paired_test
+
+    if baseline is not None and baseline not in groups:
+        raise ConfigError(f"--baseline: '{baseline}' is not one of the compared runs ({', '.join(groups)})")
+    out = []
+    for label, runs in groups.items():
+        metric = runs[0]["final_quality_metric"]
+        row: dict[str, Any] = {"run": label, "method": runs[0]["method"], "seeds": len(runs),
+                               "seed_list": " ".join(str(r["seed"]) for r in runs), "final_quality_metric": metric}
+        if baseline is not None:
+            base = {r["seed"]: r for r in groups[baseline]}
+            pairs = [(r["final_quality"], base[r["seed"]]["final_quality"]) for r in runs
+                     if r["seed"] in base and _is_number(r["final_quality"])
+                     and _is_number(base[r["seed"]]["final_quality"])]
+            if label == baseline or not pairs:
+                row[f"vs_{baseline}"], row["diff"], row["diff_ci95"] = "-", "", ""
+            else:
+                t = paired_test([a for a, _ in pairs], [b for _, b in pairs], higher_is_better(metric or "eval_"))
+                row[f"vs_{baseline}"], row["diff"], row["diff_ci95"] = t.verdict, round(t.diff_mean, 4), round(
+                    t.diff_ci95, 4)
+        keys = [k for k in runs[0] if k not in NOT_METRICS and _is_number(runs[0][k])]
+        keys += sorted({k for r in runs for k in r if k not in keys and k not in NOT_METRICS and _is_number(r[k])})
+        for k in keys:
+            vals = [r[k] for r in runs if _is_number(r.get(k))]
+            if len(vals) < len(runs):
+                continue  # a metric some seeds lack is not comparable
+            m, h = mean_ci(vals)
+            row[f"{k}_mean"], row[f"{k}_ci95"] = round(m, 6), round(h, 6)
+        row["rounds"] = runs[0].get("rounds", "")
+        out.append(row)
+    return out
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows with possibly different keys: the header is their union in first-seen order."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
         w.writeheader()
         w.writerows(rows)
-    plot_runs([(d.name, read_metrics(d / "metrics.jsonl")) for d in dirs], root / "compare.png", "methods compared")
 
 
-def print_compare(rows: list[dict[str, Any]], root: Path) -> None:
-    t = Table(title=f"hetfl compare ({root})")
-    heads = ["run", "method", "final_quality", "base_quality", "mb_up", "mb_down", "latency_s_per_round",
-             "energy_j_per_round", "sim_time_s", "energy_j", "client_mem_peak_mb", "client_gflops"]
-    for h in heads:
-        t.add_column(h.replace("_", " "), justify="right" if h not in ("run", "method") else "left")
+def write_compare(root: Path, summary: list[dict[str, Any]], runs: list[dict[str, Any]],
+                  histories: dict[str, list[list[dict]]]) -> None:
+    """summary.csv (one row per label), runs.csv (one row per run) and compare.png (seed bands)."""
+    from hetfl.track.report import plot_groups
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_csv(root / "summary.csv", summary)
+    write_csv(root / "runs.csv", runs)
+    plot_groups(list(histories.items()), root / "compare.png")
+
+
+def _fmt(v: Any) -> str:
+    if not _is_number(v):
+        return str(v)
+    a = abs(v)
+    return f"{v:.0f}" if a >= 1000 else f"{v:.1f}" if a >= 10 else f"{v:.3g}" if a >= 0.001 or a == 0 else f"{v:.1e}"
+
+
+def print_compare(rows: list[dict[str, Any]], root: Path, baseline: str | None = None, width: int = 100) -> None:
+    """The comparison as one table that fits `width` columns: mean ± 95% interval over seeds."""
+    metric = rows[0]["final_quality_metric"] if rows else ""
+    q = metric.removeprefix("eval_") or "quality"
+    t = Table(title=f"hetfl compare ({root})", title_justify="left")
+    t.add_column("method", no_wrap=True)
+    t.add_column("n", justify="right")
+    t.add_column(f"{q} (base)", justify="right", no_wrap=True)
+    if baseline is not None:
+        t.add_column(f"vs {baseline}", no_wrap=True)
+    for h in ("MB up", "sim s", "J", "MiB"):
+        t.add_column(h, justify="right")
     for r in rows:
-        t.add_row(*(str(r[h]) for h in heads))
-    con = Console(width=160)
+        def pm(k: str) -> str:
+            m, h = r.get(f"{k}_mean", ""), r.get(f"{k}_ci95", 0)
+            return _fmt(m) if not h else f"{_fmt(m)}±{_fmt(h)}"
+
+        cells = [r["run"], str(r["seeds"]), f"{pm('final_quality')} ({_fmt(r.get('base_quality_mean', ''))})"]
+        if baseline is not None:
+            v = r.get(f"vs_{baseline}", "")
+            cells.append(v if v in ("-", "") else f"{v} {_fmt(r['diff'])}±{_fmt(r['diff_ci95'])}")
+        cells += [pm("mb_up"), pm("sim_time_s"), pm("energy_j"), pm("client_mem_peak_mb")]
+        t.add_row(*cells)
+    con = Console(width=width)
     con.print(t)
     if rows:
-        con.print(f"quality metric: {rows[0]['final_quality_metric']}; table in {root}/summary.csv, plot in {root}/compare.png")
+        con.print(f"{q}: mean ± half-width of the 95% t-interval over seeds; verdicts from a paired t-test "
+                  f"across seeds. Tables: {root}/summary.csv, {root}/runs.csv; plot: {root}/compare.png",
+                  highlight=False)
 
 
 def same_scenario_warnings(cfgs) -> list[str]:
