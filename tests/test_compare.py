@@ -162,6 +162,22 @@ def test_validation_split_is_disjoint_from_training_and_eval(tmp_path):
         assert len(d_plain) - len(d) == min(max(1, round(len(d_plain) * 0.25)), len(d_plain) - 1)
 
 
+def test_validation_split_of_a_personalised_scenario_replaces_the_client_test_splits():
+    over = ["data.samples_per_family=20", "population.num_clients=4", "population.clients_per_round=2"]
+    test = build_scenario(load_config("floral-synth-mlp", over))
+    val = build_scenario(load_config("floral-synth-mlp", [*over, "eval.split=validation", "eval.val_fraction=0.25"]))
+
+    def keys(samples):
+        return {tuple(s[0].tolist()) for s in samples}
+
+    for c in range(4):  # each client evaluates its own validation share, carved from its training data only
+        assert keys(val.client_test[c]) <= keys(test.client_data[c])
+        assert not keys(val.client_test[c]) & keys(test.client_test[c])
+        assert not keys(val.client_test[c]) & keys(val.client_data[c])
+        assert len(val.client_test[c]) == round(len(test.client_data[c]) * 0.25)
+    assert len(val.validation) == sum(len(v) for v in val.client_test)
+
+
 def test_tune_selects_on_validation_and_run_uses_the_choice(tmp_path, capsys):
     out = tmp_path / "tune"
     args = ["tune", "floral-synth-mlp", "--method", "fedit", *sets(*MLP), "--grid", "train.lr=[0.0001,0.3]",

@@ -66,7 +66,8 @@ class Scenario:
     client_labels: list[list[int]]  # per client: label/category index of each sample (for reports)
     categories: list[str]
     population: Population
-    client_test: list[list] | None = None  # per client: local test samples (per-client evaluation)
+    client_test: list[list] | None = None  # per client: local test samples (per-client evaluation; with
+    # eval.split = validation, the client's validation share instead)
     client_clusters: list[int] | None = None  # per client: latent cluster id (data.clusters > 0)
     validation: list | None = None  # eval.split = validation: samples held out of the clients' training data
 
@@ -127,9 +128,12 @@ def build_scenario(cfg: Config) -> Scenario:
     if cfg.data.clusters > 0 or td.cluster_transform is not None:
         client_data, client_test, clusters = _apply_clusters(cfg, td, client_data, client_test)
     validation = None
-    if cfg.eval.split == "validation":
+    if cfg.eval.split == "validation":  # tuning: evaluate on held-out training data, never on a test set
         client_data, client_labels, validation = carve_validation(client_data, client_labels, cfg.eval.val_fraction,
                                                                   derive_seed(cfg.seed, "validation"))
+        if client_test is not None:  # personalised scenarios: each client's own validation share
+            client_test = validation
+        validation = [x for v in validation for x in v]
     return Scenario(cfg, td.model, td.tokenizer, td.task, client_data, client_labels, td.categories, population,
                     client_test, clusters, validation)
 
@@ -141,17 +145,17 @@ def carve_validation(client_data: list[list], client_labels: list[list[int]], fr
     The pooled set stands for what the clients would evaluate locally and report as numbers
     (for mean metrics such as accuracy the pooled value equals the example-weighted mean of
     theirs). Returns (client_data, client_labels, validation), the first two without the
-    held-out samples.
+    held-out samples, the last one list of held-out samples per client.
     """
     rng = np.random.default_rng(seed)
     data, labels, val = [], [], []
     for d, lab in zip(client_data, client_labels):
         n_val = min(max(1, int(round(len(d) * fraction))), len(d) - 1)
         held = set(rng.permutation(len(d))[:n_val].tolist())
-        val += [d[i] for i in sorted(held)]
+        val.append([d[i] for i in sorted(held)])
         data.append([x for i, x in enumerate(d) if i not in held])
         labels.append([x for i, x in enumerate(lab) if i not in held])
-    if not val:
+    if not any(val):
         raise ConfigError("eval.split: validation needs clients with at least 2 training samples")
     return data, labels, val
 

@@ -82,6 +82,38 @@ def _progress_run(cfg: Config, out: Path, label: str, *, force: bool, resume: bo
         return run_or_resume(cfg, out, force=force, resume=resume, on_round=on_round)
 
 
+def _job(cfg_text: str, out: str, force: bool, resume: bool) -> str:
+    """One run in a worker process (one torch thread: the workers share the cores)."""
+    import torch
+
+    from hetfl.runner import run_or_resume
+
+    torch.set_num_threads(1)
+    return run_or_resume(load_config(yaml.safe_load(cfg_text)), Path(out), force=force, resume=resume)
+
+
+def run_batch(runs: list[tuple[Config, Path, str]], *, force: bool, resume: bool, jobs: int = 1) -> None:
+    """Run every (config, folder, label); `jobs` > 1 runs that many at once in worker processes.
+
+    Runs are independent, so the order and the number of workers change no result, except that
+    a worker computes with one torch thread (kernels may then differ in the last float bits).
+    """
+    if jobs <= 1 or len(runs) <= 1:
+        for i, (cfg, d, label) in enumerate(runs, 1):
+            _progress_run(cfg, d, f"{label} ({i}/{len(runs)})", force=force, resume=resume)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from hetfl.config import dump_config
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futs = {pool.submit(_job, dump_config(cfg), str(d), force, resume): label for cfg, d, label in runs}
+        for i, f in enumerate(as_completed(futs), 1):
+            what = f.result()  # a worker's ConfigError propagates with its one-line message
+            print(f"[{i}/{len(runs)}] {futs[f]}: {'kept (finished)' if what == 'done' else 'done'}", flush=True)
+
+
 def _check_out(out: Path, force: bool, resume: bool) -> None:
     if out.exists() and any(out.iterdir()) and not (force or resume):
         raise ConfigError(f"--out {out}: already exists; use --resume to continue it or --force to replace it")
@@ -99,7 +131,7 @@ class TuneResult:
 
 
 def tune(entry: Entry, grid: list[tuple[str, list[Any]]], seeds: list[int], out: Path, *, force: bool = False,
-         resume: bool = False, metric: str | None = None) -> TuneResult:
+         resume: bool = False, metric: str | None = None, jobs: int = 1) -> TuneResult:
     """Run every grid point of `entry` on each seed with evaluation on the validation split
     (`eval.split: validation`, a share of the clients' training data), and pick the point with
     the best mean final value of the primary metric (or `metric`). The evaluation set is never
@@ -116,13 +148,11 @@ def tune(entry: Entry, grid: list[tuple[str, list[Any]]], seeds: list[int], out:
         for s in seeds:
             cfgs[point_label(p), s] = entry.config(*point_overrides(p), f"seed={s}", "eval.split=validation",
                                                    f"eval.every={base.rounds}", "eval.at_start=false")
-    total, i = len(cfgs), 0
+    run_batch([(cfg, out / label / f"seed-{s}", f"tune {base.method.name} {label} seed {s}")
+               for (label, s), cfg in cfgs.items()], force=force, resume=resume, jobs=jobs)
     finals: dict[str, list[float]] = {}
     for (label, s), cfg in cfgs.items():
-        i += 1
-        d = out / label / f"seed-{s}"
-        _progress_run(cfg, d, f"tune {base.method.name} {label} seed {s} ({i}/{total})", force=force, resume=resume)
-        history = read_metrics(d / "metrics.jsonl")
+        history = read_metrics(out / label / f"seed-{s}" / "metrics.jsonl")
         metric = metric or primary_metric(history)
         if metric is None or metric not in history[-1]:
             raise ConfigError(f"tune: the validation runs report no metric '{metric}'")
@@ -172,8 +202,8 @@ def print_tune(res: TuneResult, width: int = 100) -> None:
 
 def compare(entries: list[Entry], out: Path, *, seeds_arg: str | None = None, baseline: str | None = None,
             force: bool = False, resume: bool = False, set_file: str | None = None,
-            tune_grid: list[tuple[str, list[Any]]] | None = None, tune_seeds: int = 1,
-            warn=print) -> list[dict[str, Any]]:
+            tune_grid: list[tuple[str, list[Any]]] | None = None, tune_seeds: int = 1, tune_metric: str | None = None,
+            jobs: int = 1, warn=print) -> list[dict[str, Any]]:
     """Run every (entry, seed) pair into `out/<label>/seed-<s>/`, then write summary.csv (one row
     per entry: mean and 95% interval over seeds of every numeric final metric, and the paired
     verdict against `baseline`), runs.csv and compare.png. Returns the summary rows."""
@@ -204,14 +234,14 @@ def compare(entries: list[Entry], out: Path, *, seeds_arg: str | None = None, ba
                 e.config(*point_overrides(dict(zip([k for k, _ in tune_grid], vals))))
         tuned_path = out / "tuned.yaml"
         for e in entries:
-            res = tune(e, tune_grid, seeds[:tune_seeds], out / "tune" / e.label, force=force, resume=resume)
+            res = tune(e, tune_grid, seeds[:tune_seeds], out / "tune" / e.label, force=force, resume=resume,
+                       metric=tune_metric, jobs=jobs)
             print_tune(res)
             write_tuned(tuned_path, res.method, res.best)
             e.overrides = [*e.overrides, *point_overrides(res.best)]
     cfgs = {(e.label, s): e.config(f"seed={s}") for e in entries for s in seeds}
-    total = len(cfgs)
-    for i, ((label, s), cfg) in enumerate(cfgs.items(), 1):
-        _progress_run(cfg, out / label / f"seed-{s}", f"{label} seed {s} ({i}/{total})", force=force, resume=resume)
+    run_batch([(cfg, out / label / f"seed-{s}", f"{label} seed {s}") for (label, s), cfg in cfgs.items()],
+              force=force, resume=resume, jobs=jobs)
     runs = {e.label: [run_row(out / e.label / f"seed-{s}") for s in seeds] for e in entries}
     for label, rs in runs.items():
         for r in rs:

@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune", action="append", default=[], metavar="KEY=[V1,V2,..]",
                    help="tune each method on a validation split first (repeatable; see `hetfl tune`)")
     p.add_argument("--tune-seeds", type=int, default=1, metavar="N", help="seeds per tuning grid point (default 1)")
+    p.add_argument("--tune-metric", metavar="METRIC", help="validation metric to tune on (default: the primary one)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at once, in N worker processes of one torch thread each (default 1)")
     p.add_argument("--out", required=True, help="folder; each run goes to OUT/<method or config name>/seed-<s>")
     p.add_argument("--force", action="store_true", help="replace existing run folders")
     p.add_argument("--resume", action="store_true", help="continue a killed compare: keep finished runs")
@@ -52,11 +55,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.force and args.resume:
         raise ConfigError("--force and --resume: choose one (replace the runs, or keep the finished ones)")
+    if args.jobs < 1:
+        raise ConfigError("--jobs: must be >= 1")
     if args.tune_seeds < 1:
         raise ConfigError("--tune-seeds: must be >= 1")
     root = Path(args.out)
     summary = compare(entries(args), root, seeds_arg=args.seeds, baseline=args.baseline, force=args.force,
                       resume=args.resume, set_file=args.set_file, tune_grid=parse_grid(args.tune, "--tune"),
-                      tune_seeds=args.tune_seeds)
+                      tune_seeds=args.tune_seeds, tune_metric=args.tune_metric,
+                      jobs=args.jobs)
     print_compare(summary, root, args.baseline)
     return 0
