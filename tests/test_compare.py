@@ -218,3 +218,26 @@ def test_compare_bad_arguments_are_one_line(args, msg, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and msg in err[0]
     assert not (tmp_path / "c").exists()
+
+
+def test_jobs_run_the_same_runs_in_worker_processes(tmp_path, capsys):
+    args = ["compare", "floral-synth-mlp", "--methods", "fedit,fedavg-full", *sets(*MLP), "--seeds", "0,1"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    one, two = read_csv(tmp_path / "one" / "runs.csv"), read_csv(tmp_path / "two" / "runs.csv")
+    assert len(one) == 4
+    for a, b in zip(one, two):
+        assert a["run"] == b["run"] and a["seed"] == b["seed"]
+        for k in ("eval_mse", "mb_up", "sim_time_s", "energy_j"):
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-6), k
+
+
+def test_per_method_values_apply_to_their_method_only():
+    raw = {"lora": {"rank": 16}, "method": {"name": "fslora"}, "per_method": {"fedit": {"lora.rank": 4}}}
+    assert load_config(raw).lora.rank == 16
+    assert load_config(raw, ["method.name=fedit"]).lora.rank == 4
+    assert load_config(raw, ["method.name=fedit", "lora.rank=8"]).lora.rank == 8  # an explicit --set wins
+    from hetfl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="per_method.fedfoo: unknown method"):
+        load_config({"per_method": {"fedfoo": {"lora.rank": 4}}})

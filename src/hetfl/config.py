@@ -8,6 +8,7 @@ config class, looked up in the registry by `method.name`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -285,6 +286,7 @@ class Config:
             yield "seeds", "every seed must be >= 0"
         if len(set(self.seeds)) != len(self.seeds):
             yield "seeds", "seeds must be distinct"
+        yield from _selection_fits_method(self)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -391,6 +393,19 @@ def build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
 NAMED_SECTIONS = ("method", "selection")  # sections whose options depend on their `name`
 
 
+def _selection_fits_method(cfg: "Config") -> Iterator[tuple[str, str]]:
+    """A selection stage needs a method that trains whole copies of the global model on the client's
+    data (`supports_selection`: it loads its down message with `load` before selection runs)."""
+    if cfg.selection.name == "none":
+        return
+    methods = _section_registry("method")
+    if getattr(methods.get(cfg.method.name).factory, "supports_selection", False):
+        return
+    ok = ", ".join(n for n in methods.names() if getattr(methods.get(n).factory, "supports_selection", False))
+    yield "selection.name", (f"{cfg.selection.name} cannot combine with method {cfg.method.name} (data selection "
+                             f"needs a parameter-averaging method: {ok}); set selection.name=none")
+
+
 def _section_registry(section: str):
     from hetfl import registry  # late: entries register themselves on import
 
@@ -472,21 +487,40 @@ def load_config(source: str | Path | Mapping, overrides: tuple[str, ...] | list[
     Raises:
         ConfigError: on any unknown key, wrong type or impossible value.
     """
-    import copy
-
     if isinstance(source, Mapping):
         raw = copy.deepcopy(dict(source))
     else:
         raw = read_yaml(resolve_preset(str(source)))
-    swapped = set()
+    per_method = raw.pop("per_method", None)
+    swapped, set_keys = set(), set()
     for text in overrides:
         key, val = parse_override(text)
         set_dotted(raw, key, val)
+        set_keys.add(key)
         if key in ("method.name", "selection.name"):
             swapped.add(key.split(".")[0])
     for section in swapped:
         _drop_foreign_keys(raw, section)
+    if per_method is not None:
+        _apply_per_method(raw, per_method, set_keys)
     return build(Config, raw)
+
+
+def _apply_per_method(raw: dict, per_method: Any, set_keys: set[str]) -> None:
+    """`per_method: {fedit: {lora.rank: 4}}`: values a scenario gives one method when it runs
+    (e.g. the rank that meets the others' upload budget). An explicit `--set` of a key wins."""
+    if not isinstance(per_method, Mapping):
+        raise ConfigError(f"per_method: expected a mapping of method names to {{key.path: value}}, got {per_method!r}")
+    known = _section_registry("method").names()
+    for name, values in per_method.items():
+        if name not in known:
+            raise ConfigError(f"per_method.{name}: unknown method (known: {', '.join(sorted(known))})")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"per_method.{name}: expected a mapping of key.path: value")
+    method = (raw.get("method") or {}).get("name", MethodConfig.name)
+    for key, val in (per_method.get(method) or {}).items():
+        if key not in set_keys:
+            set_dotted(raw, str(key), copy.deepcopy(val))
 
 
 def resolve_preset(name_or_path: str) -> Path:

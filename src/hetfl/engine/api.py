@@ -120,7 +120,9 @@ class Method(Protocol):
     """The hooks a federated method implements.
 
     `setup` runs once on the scenario (server and workers alike) and returns the initial
-    server state; the other hooks are called by the round loop.
+    server state; the other hooks are called by the round loop. A method that sets the class
+    attribute `supports_selection = True` implements `load`, and config validation lets it
+    combine with a data-selection stage (`selection.name`).
     """
 
     def setup(self, scenario: "Scenario") -> ServerState: ...

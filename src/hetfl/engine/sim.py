@@ -7,12 +7,14 @@ so memory does not grow with the population. Client randomness is derived from
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
 
 from hetfl.engine.api import ClientContext, Message, derive_seed
 from hetfl.engine.link import DOWN, UP, Link
+from hetfl.errors import ConfigError, HetflWarning
 
 
 class SimulatedBackend:
@@ -89,6 +91,8 @@ class SimulatedBackend:
             keep = self.selector.apply(d, ctx)
             ctx.local_total, ctx.selection_flops = len(ctx.data), ctx.flops
             ctx.data = [ctx.data[i] for i in keep]
+        check_coresets(rnd, {cid: len(ctxs[cid].data) for cid in cids}, self.scenario.cfg,
+                       getattr(self.selector, "empty_hint", ""))
 
     def context(self, rnd: int, cid: int, knobs: dict, mem: int) -> ClientContext:
         server = None
@@ -98,6 +102,32 @@ class SimulatedBackend:
             server = LinkedServer(self.link, rnd, cid, self.method.server_handler(rnd))
         return client_context(self.scenario, rnd, cid, knobs, mem, self.client_states.setdefault(cid, {}),
                               self.flop_cache, server)
+
+
+def check_coresets(rnd: int, sizes: dict[int, int], cfg, hint: str = "") -> None:
+    """Clients whose coreset is empty are dropped from the round (as in FedHDS), with a one-line
+    warning; a round in which no sampled client has data left is a scenario error.
+
+    Args:
+        rnd: the round.
+        sizes: coreset size per sampled client.
+        cfg: the run's config (named in the messages).
+        hint: the selector's advice for getting non-empty coresets ("" for a generic one).
+
+    Raises:
+        ConfigError: when every sampled client's coreset is empty.
+    """
+    empty = sorted(c for c, n in sizes.items() if n == 0)
+    if not empty:
+        return
+    name = cfg.selection.name
+    if len(empty) == len(sizes):
+        raise ConfigError(f"selection: round {rnd} trained no client (every coreset of the {len(sizes)} sampled "
+                          f"clients empty under selection.name={name}); "
+                          f"{hint or 'raise population.clients_per_round'}")
+    warnings.warn(f"selection: round {rnd}: {len(empty)} of {len(sizes)} sampled clients have an empty coreset "
+                  f"under selection.name={name} and skip the round (clients {', '.join(map(str, empty))})",
+                  HetflWarning, stacklevel=2)
 
 
 def client_context(scenario, rnd: int, cid: int, knobs: dict, mem: int, state: dict[str, Any], flop_cache: dict,

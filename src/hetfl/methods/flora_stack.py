@@ -59,12 +59,17 @@ class FloraStack(HetRankLoRA):
             for n, m in lora_modules(model).items():
                 m.base.weight.copy_(weights[weight_key(n)])
 
-    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
-        k = int(msg.meta[RANK])
+    def load(self, msg: Message, ctx: ClientContext) -> None:
+        """The merged global weights plus a fresh rank-k adapter (A Kaiming-uniform, B = 0) and the head."""
         self._load_base(ctx.model, msg.tensors)  # the merged weights of the adapted modules
         g = ctx.generator("lora-init")
-        for m in lora_modules(ctx.model).values():  # fresh adapter: A Kaiming-uniform, B = 0
-            m.set_rank(k, g)
+        for m in lora_modules(ctx.model).values():
+            m.set_rank(int(msg.meta[RANK]), g)
+        self.load_head(ctx.model, msg.tensors)
+
+    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
+        k = int(msg.meta[RANK])
+        self.load(msg, ctx)
         start = {n: t.clone() for n, t in lora_state_dict(ctx.model).items()}
         loss, trained, head_delta = self.train_factors(ctx, start, {n: msg.tensors[n] for n in self.head})
         return self.reply(ctx, {**trained, **head_delta}, loss, k)

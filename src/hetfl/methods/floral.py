@@ -122,6 +122,8 @@ def mixture_average(replies: dict[int, Message], p: dict[int, float], p_given_c:
 class MixtureMethod:
     """A private mixture over K shared components; subclasses say what the components are."""
 
+    supports_selection = True  # `load` puts the client's whole model (shared + private) in place
+
     def __init__(self, cfg, mcfg: RouterConfig):
         self.cfg, self.mcfg = cfg, mcfg
         self.server_opt = ServerOptimizer(mcfg)

@@ -5,7 +5,8 @@ A round with a selector has two extra exchanges, both through the link:
   2. server: `decide(rnd, summaries)` -> a per-client decision (e.g. which groups to keep);
   3. client: `apply(decision, ctx)` -> indices into its local data to train on this round.
 Clients hold the current global model while summarising (the method's `load` hook puts it there),
-so features can come from it. A client whose selection is empty skips training this round.
+so features can come from it. A client whose selection is empty skips training this round (with a
+warning); a round in which every sampled client's selection is empty is an error (engine/sim.py).
 """
 
 from __future__ import annotations

@@ -198,6 +198,10 @@ class FedHDS:
     """The selection stage; one object serves both sides in simulation (they share no state
     except the client-private `ctx.state[STASH]`, which never crosses the link)."""
 
+    # What to change when a round's server clustering keeps no group at all (engine/sim.py).
+    empty_hint = ("raise population.clients_per_round (more centroids per server clustering), set "
+                  "selection.server_noise=keep, or lower selection.min_cluster_size")
+
     def __init__(self, cfg, scfg: FedHDSConfig):
         self.c = scfg
 
