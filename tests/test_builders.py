@@ -148,7 +148,7 @@ def test_unknown_name_is_config_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_causal_lm("gpt-17")
     assert str(e.value) == ("model.name: unknown model 'gpt-17' (shipped: tiny-llama, tiny-llama-large, tiny-llama-random; "
-                            "or a path to a local Hugging Face folder)")
+                            "optional: smollm2-135m; or a path to a local Hugging Face folder)")
     with pytest.raises(ConfigError, match="cannot load a causal LM"):
         load_causal_lm(str(tmp_path))  # an empty folder
 

@@ -54,9 +54,9 @@ def test_evaluate_accuracy_and_loss_on_hand_logits():
     assert out["eval_accuracy"] == pytest.approx(200 / 3)
     # CE: log(1+e^-2), log(1+e^-1), 2+log(1+e^-2)
     ce = [math.log1p(math.exp(-2)), math.log1p(math.exp(-1)), 2 + math.log1p(math.exp(-2))]
-    assert out["eval_loss"] == pytest.approx(sum(ce) / 3, abs=1e-6)
+    assert out["eval_loss"] == pytest.approx(sum(ce) / 3, abs=1e-6) and out["eval_n"] == 3
     assert task.evaluate(model, samples[1:2]) == pytest.approx({"eval_accuracy": 100.0,
-                                                                "eval_loss": math.log1p(math.exp(-1))})
+                                                                "eval_loss": math.log1p(math.exp(-1)), "eval_n": 1})
     batch = task.collate(samples)
     assert float(task.loss(model, batch)) == pytest.approx(sum(ce) / 3, abs=1e-6)
 

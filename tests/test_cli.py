@@ -85,6 +85,10 @@ def test_run_writes_outputs_and_refuses_to_overwrite(capsys, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     for key in ("train_loss", "bytes_up", "bytes_down", "sim_time_s", "energy_j", "client_mem_peak_mb", "eval_rougeL"):
         assert key in rows[-1]
+    for r in (rows[0], rows[2]):  # every evaluation (eval.every 2) says how many prompts it scored, per family too
+        assert r["eval_n"] == 6 and sum(r["eval_n_by_family"].values()) == 6
+        assert set(r["eval_rougeL_by_family"]) == set(r["eval_n_by_family"])
+    assert "## Rouge-L per task family" in (out / "report.md").read_text()
     before = (out / "metrics.jsonl").read_text()
     code, _, err = run_cli(["run", "fedit-instruct", *sets(*FAST), "--out", str(out)], capsys)
     assert code == 2 and "--force" in err

@@ -177,6 +177,16 @@ def test_encode_truncates_prompt_from_left_keeps_answer():
     assert ids[:16] == [ord(c) + 10 for c in prompt_of(ex)[-16:]]  # the end of the prompt survives
 
 
+def test_encode_keeps_a_prompt_that_fits_whole():
+    # A prompt longer than half the room but within it was once cut to its last (room - len) ids.
+    ex = Example("Add.", "2 + 3", "5", "add")
+    n_prompt = 1 + len(prompt_of(ex))  # 56 ids: bos + 55 characters
+    # max_len 66 leaves 64 ids for the prompt after "5" + eos; the old slice kept only the last 64 - 56 = 8.
+    [(ids, labels)] = encode_examples(CharTokenizer(), [ex], max_len=n_prompt + 10)
+    assert len(ids) == n_prompt + 2 and ids[0] == 1
+    assert ids[1:n_prompt] == [ord(c) + 10 for c in prompt_of(ex)]
+
+
 def test_collate_right_pads():
     batch = [([5, 6, 7], [-100, 6, 7]), ([8], [8])]
     out = collate(batch, pad_id=0)

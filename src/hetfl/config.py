@@ -26,6 +26,14 @@ from hetfl.errors import ConfigError
 class ModelConfig:
     name: str = "tiny-llama"  # shipped name or a local Hugging Face folder
 
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.name == "smollm2-135m":  # the optional real-model tier: its package must be installed
+            from hetfl.models.smollm2 import missing  # no torch import: validation stays cheap
+
+            reason = missing()
+            if reason:
+                yield "name", reason
+
 
 @dataclass(frozen=True)
 class DataConfig:

