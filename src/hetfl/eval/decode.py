@@ -10,7 +10,7 @@ answer). `greedy_with_nll` runs that pass once per batch and keeps its KV cache:
 3. the cache is cropped back to P and greedy decoding continues from step 1's logits.
 
 Positions are counted over real tokens only (``cumsum(mask) - 1``), as `transformers`'
-``generate`` does, so each row decodes exactly as it would alone (tests/test_decode.py checks
+``generate`` does, so each row decodes exactly as it would alone (tests/test_eval.py checks
 this against ``generate`` one prompt at a time).
 """
 

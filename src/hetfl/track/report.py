@@ -37,30 +37,7 @@ def _points(history, metric, xkey):
 
 def plot_runs(runs: Sequence[tuple[str, Sequence[dict]]], out_png: Path, title: str = "") -> str | None:
     """Draw one 2x2 figure of quality vs round/bytes/time/energy for one or more runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = next((primary_metric(h) for _, h in runs if primary_metric(h)), None)
-    if metric is None:
-        return None
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (xkey, xlabel, _) in zip(axes.flat, AXES):
-        for label, h in runs:
-            xs, ys = _points(h, metric, xkey)
-            ax.plot(xs, ys, marker="o", ms=3, label=label)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric.removeprefix("eval_"))
-        if xkey == "mb_total" and any(_points(h, metric, xkey)[0] for _, h in runs):
-            ax.set_xscale("symlog", linthresh=0.1)
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title or f"{metric.removeprefix('eval_')} against cost")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return metric
+    return plot_groups([(label, [h]) for label, h in runs], out_png, title)
 
 
 def plot_groups(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], out_png: Path, title: str = "") -> str | None:
@@ -86,7 +63,7 @@ def plot_groups(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], out_png:
             xs = [mean_ci([s[0][i] for s in series])[0] for i in range(n)]
             stats = [mean_ci([s[1][i] for s in series]) for i in range(n)]
             ys = [m for m, _ in stats]
-            line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{label} (n={len(hs)})")
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{label} (n={len(hs)})" if len(hs) > 1 else label)
             if len(hs) > 1:
                 ax.fill_between(xs, [m - h for m, h in stats], [m + h for m, h in stats], color=line.get_color(),
                                 alpha=0.2, linewidth=0)
@@ -96,7 +73,9 @@ def plot_groups(groups: Sequence[tuple[str, Sequence[Sequence[dict]]]], out_png:
             ax.set_xscale("symlog", linthresh=0.1)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title or f"{metric.removeprefix('eval_')} against cost (mean over seeds, 95% interval)")
+    several = any(len(hs) > 1 for _, hs in groups)
+    fig.suptitle(title or f"{metric.removeprefix('eval_')} against cost" + (" (mean over seeds, 95% interval)"
+                                                                          if several else ""))
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
