@@ -59,7 +59,7 @@ CLAIMS = [
           "(GLUE avg 83.3 vs best baseline 79.6, +3.7)", "fslora-digits",
           ("fslora", ["method.name=fslora"]),
           [(m, [f"method.name={m}"]) for m in ("heterolora", "flexlora", "flora-stack")],
-          "above", "eval_accuracy", quick=["rounds=3"]),
+          "above", "eval_accuracy"),
     Claim("fedv", "FedV at or above FedAvg and Ditto with a fraction of the client memory "
           "(qualitative; 96.87% on CIFAR-10 Dir(0.3))", "split-vision",
           ("fedv", ["method.name=fedv"]), [(m, [f"method.name={m}"]) for m in ("fedavg-full", "ditto")],
@@ -168,6 +168,30 @@ def fmt_ours(c: Claim, runs) -> str:
     return ", ".join(parts) + f" ({c.metric.removeprefix('eval_')}, n={len(vals)})"
 
 
+def write_md(md: Path, rows, claims_run: list[str], quick: bool) -> None:
+    """REPRO.md: this run's rows, and the rows of claims not rerun as they were."""
+    cmd = "python benchmarks/repro.py " + " ".join(sys.argv[1:])
+    kept = {}  # rows of claims not rerun this time stay as they were measured
+    if md.is_file():
+        for line in md.read_text().splitlines():
+            key = line.split("|")[1].strip() if line.startswith("| ") else ""
+            if key in {c.key for c in CLAIMS} and key not in claims_run:
+                kept[key] = line
+    lines = ["# Reproduction table", "",
+             "Each row: `benchmarks/repro.py` (verdict rules, margins and the tuning protocol are in its docstring); "
+             "values are mean ± half-width of the 95% t-interval over seeds, learning rates tuned on a validation "
+             "split unless the row says otherwise. `undecided` means the scenario is too weak to tell at this number "
+             "of seeds; the row says what would decide.", "",
+             "| claim | paper | preset | ours | verdict | notes |", "|---|---|---|---|---|---|"]
+    new_rows = {c.key: f"| {c.key} | {c.paper} | `{c.preset}`{f" ({', '.join(c.quick)})" if quick and c.quick else ''} | {ours} | "
+                       f"**{verdict}** | {note}; `{cmd}`, {time.strftime('%Y-%m-%d')}, {wall:.0f} s |"
+                for c, ours, verdict, note, wall in rows}
+    for c in CLAIMS:
+        if c.key in new_rows or c.key in kept:
+            lines.append(new_rows.get(c.key) or kept[c.key])
+    md.write_text("\n".join(lines) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--claims", nargs="+", default=[c.key for c in CLAIMS], choices=[c.key for c in CLAIMS])
@@ -183,7 +207,7 @@ def main() -> int:
     args = ap.parse_args()
 
     rows = []
-    for c in [c for c in CLAIMS if c.key in args.claims]:
+    for c in [next(x for x in CLAIMS if x.key == k) for k in dict.fromkeys(args.claims)]:
         t0 = time.time()
         extra = [*(c.quick if args.quick else []), *args.overrides]
         base_lr = load_config(c.preset, extra).train.lr
@@ -207,31 +231,15 @@ def main() -> int:
             import yaml
 
             t = yaml.safe_load((out / "tuned.yaml").read_text())
-            tuned = "tuned lr: " + ", ".join(f"{k} {v['train.lr']:g}" for k, v in t.items())
+            edge = (min(grid[0][1]), max(grid[0][1]))
+            tuned = "tuned lr: " + ", ".join(f"{k} {v['train.lr']:g}{'*' if v['train.lr'] in edge else ''}"
+                                             for k, v in t.items())
+            if "*" in tuned:
+                tuned += " (* at the grid's edge)"
         rows.append((c, fmt_ours(c, runs), verdict, "; ".join(x for x in (note, tuned) if x), time.time() - t0))
         print(f"{c.key}: {verdict} ({rows[-1][1]}) {rows[-1][3]} [{rows[-1][4]:.0f} s]", flush=True)
+        write_md(Path(args.md), rows, [r[0].key for r in rows], args.quick)  # each claim lands as it finishes
 
-    cmd = "python benchmarks/repro.py " + " ".join(sys.argv[1:])
-    md = Path(args.md)
-    kept = {}  # rows of claims not rerun this time stay as they were measured
-    if md.is_file():
-        for line in md.read_text().splitlines():
-            key = line.split("|")[1].strip() if line.startswith("| ") else ""
-            if key in {c.key for c in CLAIMS} and key not in args.claims:
-                kept[key] = line
-    lines = ["# Reproduction table", "",
-             "Each row: `benchmarks/repro.py` (verdict rules, margins and the tuning protocol are in its docstring); "
-             "values are mean ± half-width of the 95% t-interval over seeds, learning rates tuned on a validation "
-             "split unless the row says otherwise. `undecided` means the scenario is too weak to tell at this number "
-             "of seeds; the row says what would decide.", "",
-             "| claim | paper | preset | ours | verdict | notes |", "|---|---|---|---|---|---|"]
-    new_rows = {c.key: f"| {c.key} | {c.paper} | `{c.preset}`{' (quick)' if args.quick else ''} | {ours} | "
-                       f"**{verdict}** | {note}; `{cmd}`, {time.strftime('%Y-%m-%d')}, {wall:.0f} s |"
-                for c, ours, verdict, note, wall in rows}
-    for c in CLAIMS:
-        if c.key in new_rows or c.key in kept:
-            lines.append(new_rows.get(c.key) or kept[c.key])
-    md.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.md}")
     print(f"repro_holds={sum(v == 'holds' for _, _, v, _, _ in rows)}/{len(rows)}")
     return 0

@@ -167,7 +167,13 @@ def tune(entry: Entry, grid: list[tuple[str, list[Any]]], seeds: list[int], out:
     from hetfl.track.summary import write_csv
 
     write_csv(out / "tune.csv", table)
-    return TuneResult(base.method.name, metric, points[best_i], table)
+    best = points[best_i]
+    for key, values in grid:  # a best value at the grid's edge may not be the best value
+        numeric = len(values) > 2 and all(isinstance(v, (int, float)) for v in values)
+        if numeric and best[key] in (min(values), max(values)):
+            print(f"hetfl: warning: tune {base.method.name}: the best {key} ({best[key]}) is at the edge of the grid "
+                  f"{values}; extend the grid to check", flush=True)
+    return TuneResult(base.method.name, metric, best, table)
 
 
 def write_tuned(path: Path, method: str, best: dict[str, Any]) -> None:
