@@ -183,7 +183,10 @@ def write_md(md: Path, rows, claims_run: list[str], quick: bool) -> None:
              "split unless the row says otherwise. `undecided` means the scenario is too weak to tell at this number "
              "of seeds; the row says what would decide.", "",
              "| claim | paper | preset | ours | verdict | notes |", "|---|---|---|---|---|---|"]
-    new_rows = {c.key: f"| {c.key} | {c.paper} | `{c.preset}`{f" ({', '.join(c.quick)})" if quick and c.quick else ''} | {ours} | "
+    def preset(c: Claim) -> str:
+        return f"`{c.preset}`" + (f" ({', '.join(c.quick)})" if quick and c.quick else "")
+
+    new_rows = {c.key: f"| {c.key} | {c.paper} | {preset(c)} | {ours} | "
                        f"**{verdict}** | {note}; `{cmd}`, {time.strftime('%Y-%m-%d')}, {wall:.0f} s |"
                 for c, ours, verdict, note, wall in rows}
     for c in CLAIMS:
