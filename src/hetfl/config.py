@@ -578,7 +578,7 @@ def read_tuned(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def tuned_overrides(path: str | Path, method: str) -> list[str]:
-    """`--set`-style overrides for `method` from a tuned-values file (`--set-file`)."""
+    """`--set`-style overrides for `method` (or a `compare` label) from a tuned-values file (`--set-file`)."""
     import json
 
     tuned = read_tuned(path)

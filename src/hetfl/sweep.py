@@ -228,9 +228,10 @@ def compare(entries: list[Entry], out: Path, *, seeds_arg: str | None = None, ba
         warn(f"hetfl: warning: {w}")
     if set_file is not None:
         tuned = read_tuned(set_file)
-        for e, c in zip(entries, bases):
-            if c.method.name in tuned:
-                e.overrides = [*tuned_overrides(set_file, c.method.name), *e.overrides]
+        for e, c in zip(entries, bases):  # an entry's own label first (compare --tune writes those), else its method
+            key = e.label if e.label in tuned else c.method.name
+            if key in tuned:
+                e.overrides = [*tuned_overrides(set_file, key), *e.overrides]
             else:
                 warn(f"hetfl: warning: --set-file {set_file} has no values for '{c.method.name}'; "
                      f"{e.label} runs at its config's values")
@@ -243,7 +244,7 @@ def compare(entries: list[Entry], out: Path, *, seeds_arg: str | None = None, ba
             res = tune(e, tune_grid, seeds[:tune_seeds], out / "tune" / e.label, force=force, resume=resume,
                        metric=tune_metric, jobs=jobs)
             print_tune(res)
-            write_tuned(tuned_path, res.method, res.best)
+            write_tuned(tuned_path, e.label, res.best)  # by label: two entries may share a method
             e.overrides = [*e.overrides, *point_overrides(res.best)]
     cfgs = {(e.label, s): e.config(f"seed={s}") for e in entries for s in seeds}
     run_batch([(cfg, out / label / f"seed-{s}", f"{label} seed {s}") for (label, s), cfg in cfgs.items()],
