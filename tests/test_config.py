@@ -95,3 +95,9 @@ def test_epochs_set_local_steps_from_the_clients_data():
     assert TrainConfig(batch_size=4, epochs=2.5).steps_for(8) == 5
     with pytest.raises(ConfigError, match=r"train\.epochs"):
         load_config({"train": {"epochs": -1}})
+
+
+def test_rank_high_above_the_global_rank_fails_validation():
+    with pytest.raises(ConfigError, match=r"method.rank_high: 32 exceeds the global rank lora.rank=16"):
+        load_config("fslora-instruct", ["method.rank_dist=uniform", "method.rank_high=32"])
+    assert load_config("fslora-instruct", ["method.rank_dist=uniform", "method.rank_high=16"]).method.rank_high == 16

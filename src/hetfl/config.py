@@ -295,6 +295,9 @@ class Config:
         if len(set(self.seeds)) != len(self.seeds):
             yield "seeds", "seeds must be distinct"
         yield from _selection_fits_method(self)
+        rank_high = getattr(self.method, "rank_high", 0)  # heterogeneous-rank methods: k_i <= the global rank
+        if rank_high > self.lora.rank:
+            yield "method.rank_high", f"{rank_high} exceeds the global rank lora.rank={self.lora.rank}"
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -24,7 +24,6 @@ from torch import nn
 
 from hetfl.engine.api import (NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, derive_seed, generator,
                              iter_sorted)
-from hetfl.errors import ConfigError
 from hetfl.methods.common import AvgConfig, ServerOptimizer, estimate_memory, local_train, tokens_per_sample
 from hetfl.models.lora import inject_lora, load_lora_state_dict, lora_modules, lora_state_dict
 from hetfl.system.cost import client_cost
@@ -160,8 +159,6 @@ class HetRankLoRA:
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "lora-init"))
         inject_lora(scenario.model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, regex=lc.regex,
                     exclude=lc.exclude, dropout=lc.dropout, generator=g)
-        if self.mcfg.rank_high > self.r:
-            raise ConfigError(f"method.rank_high: {self.mcfg.rank_high} exceeds the global rank lora.rank={self.r}")
         mods = lora_modules(scenario.model)
         self.modules = list(mods)  # names, fixed for the run
         self.units = sum(m.in_features + m.out_features for m in mods.values())  # LoRA params per unit of rank
