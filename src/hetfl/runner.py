@@ -72,19 +72,6 @@ def run_on_copy(base, cfg: Config) -> tuple[list[dict], float]:
     return history, time.time() - t0
 
 
-
-def finished(out: str | Path, cfg: Config) -> bool:
-    """Whether `out` holds a completed run of exactly `cfg` (its last round logged, report written)."""
-    from hetfl.config import dump_config
-    from hetfl.track.rundir import read_metrics
-
-    d = Path(out)
-    if not (d / "config.yaml").is_file() or (d / "config.yaml").read_text() != dump_config(cfg):
-        return False
-    rows = read_metrics(d / "metrics.jsonl")
-    return bool(rows) and rows[-1].get("round") == cfg.rounds and (d / "report.md").is_file()
-
-
 def run_or_resume(cfg: Config, out: str | Path, *, force: bool = False, resume: bool = False,
                   on_round: Callable[[dict], None] | None = None) -> str:
     """Run `cfg` into `out` as one run of a batch (compare, tune): with `resume`, a finished run is
@@ -97,13 +84,16 @@ def run_or_resume(cfg: Config, out: str | Path, *, force: bool = False, resume: 
     """
     from hetfl.config import dump_config
     from hetfl.errors import ConfigError
+    from hetfl.track.rundir import read_metrics
 
     d = Path(out)
     if resume and d.exists():
-        if (d / "config.yaml").is_file() and (d / "config.yaml").read_text() != dump_config(cfg):
+        saved = d / "config.yaml"
+        if saved.is_file() and saved.read_text() != dump_config(cfg):
             raise ConfigError(f"--resume: {d} holds a run of another config; use another --out or --force")
-        if finished(d, cfg):
-            return "done"
+        rows = read_metrics(d / "metrics.jsonl")
+        if saved.is_file() and rows and rows[-1].get("round") == cfg.rounds and (d / "report.md").is_file():
+            return "done"  # finished: its last round is logged and its report written
         if (d / "checkpoints" / "last.pt").is_file():
             run_experiment(cfg, d, resume=True, on_round=on_round)
             return "resumed"

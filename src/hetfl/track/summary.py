@@ -10,7 +10,6 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from hetfl.errors import ConfigError
 from hetfl.track.report import primary_metric
 from hetfl.track.rundir import read_metrics
 
@@ -60,11 +59,6 @@ def run_row(d: Path) -> dict[str, Any]:
     return row
 
 
-def compare_rows(dirs: Sequence[Path]) -> list[dict[str, Any]]:
-    """One row per run folder (see `run_row`)."""
-    return [run_row(d) for d in dirs]
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -79,8 +73,6 @@ def aggregate(groups: dict[str, list[dict[str, Any]]], baseline: str | None = No
     metric over the seeds both share, with the mean difference and its interval."""
     from hetfl.track.stats import higher_is_better, mean_ci, paired_test
 
-    if baseline is not None and baseline not in groups:
-        raise ConfigError(f"--baseline: '{baseline}' is not one of the compared runs ({', '.join(groups)})")
     out = []
     for label, runs in groups.items():
         metric = runs[0]["final_quality_metric"]
