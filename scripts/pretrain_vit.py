@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hetfl.data.vision import SHAPE_CLASSES, make_shapes
-from hetfl.engine.api import derive_seed
+from hetfl.seeding import derive_seed
 from hetfl.models.classifiers import TINY_VIT_DIR, TinyViT, TinyViTConfig, num_params, save_tiny_vit
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from toy import toy_config, toy_scenario
 
-from hetfl.engine.api import Message, derive_seed
+from hetfl.engine.api import Message
+from hetfl.seeding import derive_seed
 from hetfl.engine.link import DOWN, UP, Ledger, Link
 from hetfl.engine.loop import run_rounds, sample_clients
 from hetfl.runner import build_method

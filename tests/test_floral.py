@@ -252,7 +252,7 @@ def test_local_adaptor_keeps_its_adaptor_private_and_sends_only_the_base():
     assert set(private) == {f"floral.adaptors.{n}" for n in
                             ("fc1.lora_A", "fc1.lora_B", "fc1.lora_bias", "fc2.lora_A", "fc2.lora_B", "fc2.lora_bias")}
     assert not torch.equal(private["floral.adaptors.fc1.lora_B"], backend.client_states[1]["private"]["floral.adaptors.fc1.lora_B"])
-    assert method.round_stats(state, 1)["adaptor_params"] == 36
+    assert method.report(state, 1, []).stats["adaptor_params"] == 36
 
 
 def test_ensemble_averages_member_c_with_p_i_given_c_and_reports_overhead():
@@ -260,7 +260,7 @@ def test_ensemble_averages_member_c_with_p_i_given_c_and_reports_overhead():
     assert method.slot("members.1.fc2.bias") == 1
     assert not torch.equal(state["global"]["members.0.fc1.weight"], state["global"]["members.1.fc1.weight"])
     state, replies = _round(method, backend, state, knobs, 1, [0, 1])
-    assert method.round_stats(state, 1)["param_overhead_pct"] == pytest.approx(100.0)
+    assert method.report(state, 1, []).stats["param_overhead_pct"] == pytest.approx(100.0)
 
 
 # ----------------------------------------------------------------------------- config errors

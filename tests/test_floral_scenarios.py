@@ -68,7 +68,7 @@ def test_synthetic_targets_come_from_the_clusters_teacher(preset):
     sc = build_scenario(cfg)
     from hetfl.tasks.regression import draw_teachers
 
-    from hetfl.engine.api import derive_seed
+    from hetfl.seeding import derive_seed
     teachers = draw_teachers(cfg.data.name, cfg.data.clusters,
                              torch.Generator().manual_seed(derive_seed(cfg.seed, "data", cfg.data.name)))
     assert [len(d) + len(t) for d, t in zip(sc.client_data, sc.client_test)] == [cfg.data.samples_per_family] * len(sc.client_data)

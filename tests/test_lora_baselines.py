@@ -109,7 +109,7 @@ def test_flexlora_averages_products_by_data_size_and_refactorises():
     assert torch.allclose(method.s * new["global"]["fc1.lora_B"] @ new["global"]["fc1.lora_A"], new["dw"]["fc1"], atol=1e-5)
     assert new["stats"]["server_svd_flops"] == svd_flops(32, 6) + svd_flops(32, 32)
     assert svd_flops(32, 6) == 6 * 32 * 36 + 20 * 216
-    assert "server_svd_wall_s" in method.round_stats(new, 1)
+    assert "server_svd_wall_s" in method.report(new, 1, []).stats
 
 
 # ----------------------------------------------------------------------------- FLoRA (stacking)

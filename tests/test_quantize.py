@@ -8,7 +8,8 @@ from toy import toy_config, toy_scenario
 
 from hetfl.comm.codecs import UniformQuantizer, make_codec, quant_error_bound, quant_nbytes
 from hetfl.config import load_config
-from hetfl.engine.api import Message, generator
+from hetfl.engine.api import Message
+from hetfl.seeding import generator
 from hetfl.engine.link import DOWN, UP, Ledger, Link
 from hetfl.engine.loop import run_rounds
 from hetfl.errors import ConfigError

@@ -44,7 +44,7 @@ def test_two_edge_servers_serve_their_own_devices_and_are_averaged_across_server
     for n in m.client_names(0):  # device parts: FedAvg of the uploads
         expected = sum((init[n] + replies[c].tensors[n]) * w[c] for c in replies) / sum(w.values())
         assert torch.allclose(state["global"][n], expected, atol=1e-6), n
-    assert m.round_stats(state, 1)["servers_used"] == 2
+    assert m.report(state, 1, []).stats["servers_used"] == 2
 
 
 def test_server_side_lora_trains_adapters_and_tail_only():
@@ -168,7 +168,7 @@ def test_fixed_mode_gives_equal_bands_full_power_and_fixed_bits():
     cfg = sflam_cfg({}, clients=4, **{"wireless.enabled": "true", "wireless.allocate_every": "round",
                                       "wireless.mode": "fixed", "wireless.fixed_bits": 4, "wireless.num_servers": 2})
     _, m, *_ = one_round(cfg)
-    radio = m.radio(1, [0, 1, 2, 3])
+    radio = m.report({}, 1, [0, 1, 2, 3]).radio
     for c, (band, power, server) in radio.items():
         peers = sum(1 for s in m.server_of.values() if s == server)
         assert band == pytest.approx(cfg.wireless.bandwidth_hz / peers) and power == cfg.wireless.p_max_w

@@ -38,11 +38,13 @@ def one_round(cfg):
     knobs, mem = plan_population(method, sc)
     ledger = Ledger()
     link = Link(cfg.comm.up, cfg.comm.down, ledger, cfg.seed)
-    if hasattr(method, "attach_link"):  # methods that set per-client codecs (sflam)
-        method.attach_link(link)
     backend = SimulatedBackend(sc, method, link)
     cids = list(range(sc.num_clients))
-    replies, ctxs = backend.run_round(1, method.configure(state, 1, cids), knobs, mem)
+    down = method.configure(state, 1, cids)
+    for cid, kinds in method.codecs(1, cids).items():  # as the loop does: per-client codecs (sflam)
+        for kind, codec in kinds.items():
+            link.set_codec(cid, kind, codec)
+    replies, ctxs = backend.run_round(1, down, knobs, mem)
     state = method.aggregate(state, 1, replies)
     return ledger, method, state, replies, ctxs, sc
 
@@ -154,7 +156,7 @@ def test_server_and_client_flops_are_counted_apart_by_hand():
     for method, server in [({"name": "fedv"}, 3 * F), ({"name": "fedv", "body": "frozen"}, 2 * F),
                            ({"name": "fedvz"}, 2 * F)]:
         _, m, state, _, ctxs, _ = one_round(split_cfg("mlp", method))
-        assert m.round_stats(state, 1)["server_flops"] == 2 * K * server, method  # two clients
+        assert m.report(state, 1, []).stats["server_flops"] == 2 * K * server, method  # two clients
         if method["name"] == "fedv":
             assert all(c.flops == client for c in ctxs.values())
 
@@ -176,7 +178,7 @@ def test_per_client_cut_changes_what_is_held_and_what_crosses():
     model_bytes = {c: ledger.bytes(cid=c, direction=DOWN, kind="model") for c in (low, lap)}
     assert model_bytes[lap] - model_bytes[low] == 4 * block0
     assert ctxs[lap].mem_bytes > ctxs[low].mem_bytes
-    stats = m.round_stats(None, 1)
+    stats = m.report(None, 1, []).stats
     held = {c: sum(p.numel() for n, p in sc.model.named_parameters() if n in m.client_names(ctxs[c].knobs["cut"]))
             for c in (low, lap)}
     assert held[lap] - held[low] == block0 and stats["client_params_max"] == held[lap]

@@ -10,7 +10,7 @@ from test_split import B, one_round, split_cfg
 
 import hetfl.methods.fedvz as fedvz_mod
 from hetfl.config import load_config
-from hetfl.engine.api import generator
+from hetfl.seeding import generator
 from hetfl.engine.link import UP
 from hetfl.methods.fedvz import draw_directions, perturb, zo_gradient
 from hetfl.models.classifiers import build_image_classifier

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hetfl.config import load_config
-from hetfl.engine.api import derive_seed
+from hetfl.seeding import derive_seed
 from hetfl.scenario import Scenario, build_population
 from hetfl.tasks.base import batch_indices
 

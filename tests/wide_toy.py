@@ -8,7 +8,7 @@ import torch
 from toy import toy_config, toy_scenario
 from torch import nn
 
-from hetfl.engine.api import derive_seed
+from hetfl.seeding import derive_seed
 from hetfl.engine.loop import run_rounds
 from hetfl.runner import build_method
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from hetfl.config import Config
-from hetfl.engine.api import derive_seed
+from hetfl.seeding import derive_seed
 from hetfl.errors import ConfigError
 
 

@@ -53,6 +53,35 @@ class CastCodec:
         return Encoded(out, t.numel() * wire.element_size(), err)
 
 
+@dataclass(frozen=True)
+class Quant:
+    """A typed codec choice for b-bit uniform quantization, as a method or the allocation picks it
+    per client (`Method.codecs`): never a name that is parsed back.
+
+    Attributes:
+        bits: bits per element, 1..16, or 32 for the lossless fp32 wire format.
+        group: elements per quantization group (0: one [min, max] range per tensor).
+        stochastic: unbiased stochastic rounding (True) or round-to-nearest (False).
+    """
+
+    bits: int
+    group: int = 0
+    stochastic: bool = True
+
+    def __post_init__(self):
+        if not (1 <= self.bits <= 16 or self.bits == 32):
+            raise ValueError(f"Quant: bits must be in 1..16 or 32, got {self.bits}")
+        if self.group < 0:
+            raise ValueError(f"Quant: group must be >= 0, got {self.group}")
+
+    @property
+    def name(self) -> str:
+        """The equivalent codec name, as the ledger labels messages (fp32 for 32 bits)."""
+        if self.bits == 32:
+            return "fp32"
+        return f"{'sq' if self.stochastic else 'rq'}{self.bits}" + (f"g{self.group}" if self.group else "")
+
+
 HEADER_BYTES = 8  # per quantization group: its min and max as two fp32 numbers
 
 
@@ -179,11 +208,12 @@ def codec_problem(name: object) -> str | None:
     return f"unknown codec {name!r} (choose from: {', '.join(CODECS.names())}, {QUANT_NAMES})"
 
 
-def make_codec(name: str, key: str = "comm"):
-    """Instantiate a codec by name: a registered one (fp32, fp16, bf16) or a quantizer name.
+def make_codec(name: "str | Quant", key: str = "comm"):
+    """Instantiate a codec by name (a registered one: fp32, fp16, bf16; or a quantizer name from
+    a config) or from a typed `Quant` choice.
 
     Args:
-        name: codec name, e.g. "fp16", "sq8", "sq4g64", "rq8".
+        name: codec name, e.g. "fp16", "sq8", "sq4g64", "rq8", or a `Quant`.
         key: the config key the name came from, named in errors.
 
     Returns:
@@ -192,6 +222,9 @@ def make_codec(name: str, key: str = "comm"):
     Raises:
         ConfigError: naming `key` if the name is unknown or its numbers are invalid.
     """
+    if isinstance(name, Quant):
+        return CastCodec(torch.float32) if name.bits == 32 else UniformQuantizer(name.bits, name.group or None,
+                                                                                  name.stochastic)
     problem = codec_problem(name)
     if problem is not None:
         raise ConfigError(f"{key}: {problem}")

@@ -1,37 +1,25 @@
-"""The method contract, messages, client contexts and seed derivation.
+"""The method contract, messages and client contexts: everything the round loop, the simulator
+and the backends may call on a method is declared here, with its default.
 
-A method fills in four hooks; the round loop (engine/loop.py) calls them and never knows
-which method runs. Everything a client sends or receives is a `Message` that crosses a `Link`.
+A method subclasses `Method` (and nothing else) and fills in the hooks; the round loop
+(engine/loop.py) calls them and never knows which method runs. Everything a client sends or
+receives is a `Message` that crosses a `Link`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Iterator, Literal, Protocol
 
 import torch
 
+from hetfl.seeding import generator
+
 if TYPE_CHECKING:
+    from hetfl.comm.codecs import Quant
     from hetfl.scenario import Scenario
     from hetfl.system.devices import DeviceProfile
-
-
-def derive_seed(root: int, *parts: Any) -> int:
-    """A 63-bit seed for (root, parts...), e.g. (seed, round, client, "batches").
-
-    Hash-derived, so a client's randomness depends only on who/when/what it is for, never
-    on the order clients run in, the backend, the worker count or the resume point.
-    """
-    h = hashlib.blake2b(repr((root, *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
-
-
-def generator(root: int, *parts: Any) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(derive_seed(root, *parts))
-    return g
 
 
 @dataclass
@@ -115,28 +103,143 @@ class ClientContext:
 
 ServerState = dict[str, Any]
 
+Schedule = Literal["parallel", "lockstep", "sequential"]
+ServerCall = Callable[[int, str, Message], Message]  # (cid, kind, message) -> reply, on the server
 
-class Method(Protocol):
-    """The hooks a federated method implements.
 
-    `setup` runs once on the scenario (server and workers alike) and returns the initial
-    server state; the other hooks are called by the round loop. A method that sets the class
-    attribute `supports_selection = True` implements `load`, and config validation lets it
-    combine with a data-selection stage (`selection.name`).
+@dataclass
+class RoundReport:
+    """What a method reports about a finished round (`Method.report`), in one place.
+
+    Attributes:
+        stats: method-specific numbers for metrics.jsonl (server FLOPs, chosen ranks, bits, ...).
+        client_rows: per client, extra columns for clients.csv (the allocation, the edge server).
+        server_flops: per client, the FLOPs the server spent serving it (split methods); the cost
+            model turns them into the client's waiting time for the server.
+        server_of: per client, which edge server served it (several servers); None: one server.
+        radio: per client (bandwidth Hz, transmit power W, server) chosen by the method's
+            allocation, for the wireless cost model; None: equal shares at full power.
     """
 
-    def setup(self, scenario: "Scenario") -> ServerState: ...
+    stats: dict[str, float] = field(default_factory=dict)
+    client_rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    server_flops: dict[int, float] = field(default_factory=dict)
+    server_of: dict[int, int] | None = None
+    radio: dict[int, tuple[float, float, int]] | None = None
 
-    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]: ...
 
-    def client_update(self, msg: Message, ctx: ClientContext) -> Message: ...
+class Method:
+    """The contract of a federated method. Subclass it and override the hooks you need.
+
+    Hooks marked *required* raise NotImplementedError here. The others have defaults that fit a
+    plain parameter-averaging method. In the order the loop calls them:
+
+    ========================  ================================================================
+    setup                     once per process (server and every worker), on the built scenario
+    plan                      once per client after setup: its knobs and memory estimate
+    configure                 each round on the server: one message down per sampled client
+    codecs                    each round, after configure: per-client codec choices
+    client_order              each round, `schedule = "sequential"` only: who is served when
+    server_call               each round, `calls_server` only: the server's per-batch handler
+    load                      on a client before data selection (`supports_selection` only)
+    client_update             on a client: local training, returns the upload
+    client_steps / barrier    instead of client_update under `schedule = "lockstep"`
+    aggregate                 on the server, on every reply of the round
+    report                    after aggregate: the round's method numbers and per-client rows
+    observe                   after costing: each sampled client's measured cost
+    eval_model                at evaluation: the global model
+    client_eval_model         at per-client evaluation: client `cid`'s model
+    payload                   never in a run: the bytes a round's messages should take (tests)
+    export                    at the end of a run: write the method's artifacts
+    ========================  ================================================================
+
+    Capabilities (class attributes) tell the backends how to run a method, instead of probes:
+
+    - `schedule`: how a round's clients run. ``parallel``: independently (any order, any worker);
+      ``lockstep``: every client takes local step k, then the server's `barrier(rnd, k)`;
+      ``sequential``: one after another in `client_order`, alone on the server, so the round's
+      time is the sum of the clients' times.
+    - `calls_server`: the client calls the server once per batch (`ctx.server.call`, split learning).
+    - `supports_selection`: `load` puts the client's starting model in place, so a data-selection
+      stage (`selection.name`) can run on it.
+    """
+
+    schedule: ClassVar[Schedule] = "parallel"
+    calls_server: ClassVar[bool] = False
+    supports_selection: ClassVar[bool] = False
+
+    def setup(self, scenario: "Scenario") -> ServerState:
+        """Required. Prepare the scenario's model and return the initial server state."""
+        raise NotImplementedError
+
+    def plan(self, cid: int, device: "DeviceProfile") -> tuple[dict[str, Any], int]:
+        """Required. Client `cid`'s knobs (e.g. {"rank": 8}) and its estimated training memory
+        in bytes; the loop refuses a client whose estimate does not fit its device."""
+        raise NotImplementedError
+
+    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
+        """Required. The message each sampled client downloads this round."""
+        raise NotImplementedError
+
+    def codecs(self, rnd: int, cids: list[int]) -> dict[int, dict[str, "str | Quant"]]:
+        """Per client, message kind -> codec for this round (e.g. each device's activation bits).
+        The loop applies them to the link; clients and kinds left out use `comm.*`."""
+        return {}
+
+    def client_order(self, rnd: int, cids: list[int]) -> list[int]:
+        """`schedule = "sequential"`: the order the server serves this round's clients in."""
+        return list(cids)
+
+    def server_call(self, rnd: int) -> ServerCall | None:
+        """`calls_server`: the server's handler of per-batch calls this round (each call and its
+        reply cross the link); None for methods without a server in the loop."""
+        return None
 
     def load(self, msg: Message, ctx: ClientContext) -> None:
-        """Put the downloaded global model into `ctx.model` (used before data selection)."""
+        """`supports_selection`: put the downloaded model into `ctx.model` (data selection runs on it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support data selection")
 
-    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState: ...
+    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
+        """Required (unless lockstep). Train locally on `ctx.data`; return the upload."""
+        raise NotImplementedError
 
-    def eval_model(self, state: ServerState) -> torch.nn.Module: ...
+    def client_steps(self, msg: Message, ctx: ClientContext) -> Generator[int, None, Message]:
+        """`schedule = "lockstep"`: local training as a generator that yields after every step and
+        returns the upload."""
+        raise NotImplementedError
+
+    def barrier(self, rnd: int, k: int) -> None:
+        """`schedule = "lockstep"`: every client of the round has finished local step `k`."""
+
+    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        """Required. Fold the round's replies (client-id order) into the server state."""
+        raise NotImplementedError
+
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
+        """The round's method numbers, per-client rows, server work and radio (see RoundReport)."""
+        return RoundReport()
+
+    def observe(self, state: ServerState, rnd: int, costs: dict[int, Any]) -> None:
+        """Each sampled client's simulated cost this round (system/cost.py `Cost`), e.g. for
+        budgets that adapt to what a client could afford."""
+
+    def eval_model(self, state: ServerState) -> torch.nn.Module:
+        """Required. The global model to evaluate (the scenario's model, loaded from `state`)."""
+        raise NotImplementedError
+
+    def client_eval_model(self, state: ServerState, cid: int, client_state: dict) -> torch.nn.Module:
+        """Client `cid`'s model for per-client evaluation (personalised methods); default global."""
+        return self.eval_model(state)
+
+    def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
+        """Required for the method table's test. The analytic (down, up) bytes that client `cid`'s
+        messages of round `rnd` take with lossless fp32 codecs when it trains on `num_examples`
+        samples: from the model's shapes and the method's rules, not from the messages. The
+        ledger must measure exactly this."""
+        raise NotImplementedError
+
+    def export(self, state: ServerState, out_dir) -> None:
+        """At the end of a run: write artifacts (a PEFT adapter, a trade-off table) to `out_dir`."""
 
 
 def weighted_mean(values: dict[int, float], weights: dict[int, float]) -> float:

@@ -14,8 +14,9 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hetfl.comm.codecs import make_codec
-from hetfl.engine.api import Message, generator
+from hetfl.comm.codecs import Quant, make_codec
+from hetfl.engine.api import Message
+from hetfl.seeding import generator
 
 UP, DOWN = "up", "down"
 
@@ -81,8 +82,8 @@ class Link:
         self.ledger = ledger
         self.seed = seed
         self._calls: dict[tuple, int] = defaultdict(int)
-        self._overrides: dict[tuple[int, str], str] = {}  # (cid, kind) -> codec name
-        self._codecs: dict[str, object] = {}  # codec instances by name (codecs are stateless)
+        self._overrides: dict[tuple[int, str], str | Quant] = {}  # (cid, kind) -> codec choice
+        self._codecs: dict[str | Quant, object] = {}  # codec instances by choice (codecs are stateless)
         self._codec(up, "comm.up")  # fail at construction, naming the key, not at the first message
         self._codec(down, "comm.down")
         for kind, name in self.by_kind.items():
@@ -93,13 +94,14 @@ class Link:
         """The direction defaults' codec instances (kept for callers of the old attribute)."""
         return {d: self._codecs[n] for d, n in self.defaults.items()}
 
-    def _codec(self, name: str, key: str):
+    def _codec(self, name: "str | Quant", key: str):
         if name not in self._codecs:
             self._codecs[name] = make_codec(name, key)
         return self._codecs[name]
 
-    def set_codec(self, cid: int, kind: str, name: str) -> None:
-        """Send client `cid`'s messages of `kind` (both directions) with codec `name` from now on.
+    def set_codec(self, cid: int, kind: str, name: "str | Quant") -> None:
+        """Send client `cid`'s messages of `kind` (both directions) with codec `name` (a codec name or
+        a typed `Quant` choice) from now on.
 
         Raises:
             ConfigError: if `name` is not a codec (the message names the client and kind).
@@ -116,19 +118,22 @@ class Link:
                 del self._overrides[k]
 
     def codec_name(self, direction: str, cid: int, kind: str) -> str:
-        """The codec a message of `kind` from/to `cid` in `direction` is sent with."""
-        name = self._overrides.get((cid, kind))
-        if name is None:
-            name = self.by_kind.get(kind, self.defaults[direction])
-        return name
+        """The name of the codec a message of `kind` from/to `cid` in `direction` is sent with."""
+        choice = self._choice(direction, cid, kind)
+        return choice.name if isinstance(choice, Quant) else choice
+
+    def _choice(self, direction: str, cid: int, kind: str) -> "str | Quant":
+        choice = self._overrides.get((cid, kind))
+        return self.by_kind.get(kind, self.defaults[direction]) if choice is None else choice
 
     def send(self, direction: str, rnd: int, cid: int, kind: str, msg: Message) -> Message:
         """Encode, count and decode `msg`; returns what the receiver sees."""
         n = self._calls[(rnd, cid, direction, kind)]
         self._calls[(rnd, cid, direction, kind)] = n + 1
         gen = generator(self.seed, rnd, cid, direction, kind, n)
-        name = self.codec_name(direction, cid, kind)
-        codec = self._codecs[name]
+        choice = self._choice(direction, cid, kind)
+        codec = self._codecs[choice]
+        name = choice.name if isinstance(choice, Quant) else choice
         tensors, nbytes, err = {}, msg.meta_nbytes(), 0.0
         for tname, t in msg.tensors.items():
             enc = codec.roundtrip(t, gen)

@@ -9,7 +9,8 @@ from typing import Any, Callable
 import torch
 
 from hetfl.config import Config, dump_config
-from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, generator, weighted_mean
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, weighted_mean
+from hetfl.seeding import generator
 from hetfl.engine.link import DOWN, UP, Ledger, Link
 from hetfl.engine.sim import SimulatedBackend
 from hetfl.errors import ConfigError
@@ -80,8 +81,6 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
     cfg: Config = scenario.cfg
     ledger = Ledger()
     link = Link(cfg.comm.up, cfg.comm.down, ledger, cfg.seed, by_kind=cfg.comm.by_kind)
-    if hasattr(method, "attach_link"):  # methods that choose per-client codecs (e.g. bits per device)
-        method.attach_link(link)
     selector = build_selector(cfg)
     wireless = None
     if cfg.wireless.enabled:
@@ -115,24 +114,27 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
     for rnd in range(start, cfg.rounds + 1):
         cids = sample_clients(cfg.seed, rnd, scenario.num_clients, cfg.population.clients_per_round)
         down = method.configure(state, rnd, cids)
+        link.clear_codecs()  # per-client codec choices (e.g. each device's activation bits) hold for one round
+        for cid, kinds in method.codecs(rnd, cids).items():
+            for kind, codec in kinds.items():
+                link.set_codec(cid, kind, codec)
         replies, ctxs = backend.run_round(rnd, down, knobs, mem)
         state = method.aggregate(state, rnd, replies)
+        report = method.report(state, rnd, cids)
 
         rows = []
         ups = {c: ledger.bytes(rnd=rnd, cid=c, direction=UP) for c in cids}
         downs = {c: ledger.bytes(rnd=rnd, cid=c, direction=DOWN) for c in cids}
-        # A method that fixes the order its server serves clients in (`client_order`: SplitFed V2,
-        # vanilla SL) serves them one at a time: each waits for the previous ones, alone on the server.
-        sequential = hasattr(method, "client_order")
-        server_flops = getattr(method, "server_flops_by_client", {})  # split methods: the server's work per client
+        # A sequential method (SplitFed V2, vanilla SL) serves clients one at a time: each waits for
+        # the previous ones, alone on the server.
+        sequential = method.schedule == "sequential"
         if wireless is not None:  # Shannon rates from each client's bandwidth, power and channel
             costs = wireless.costs(cids, {c: ctxs[c].device for c in cids}, {c: ctxs[c].flops for c in cids}, ups,
-                                   downs, server_flops, method.radio(rnd, cids) if hasattr(method, "radio") else None,
-                                   sequential=sequential)
+                                   downs, report.server_flops, report.radio, sequential=sequential)
         else:  # the tiers' fixed link rates; the server of devices.yaml (or population.devices_file)
             costs = fixed_costs(cids, {c: ctxs[c].device for c in cids}, {c: ctxs[c].flops for c in cids}, ups,
-                                downs, server_flops, scenario.population.server, sequential=sequential,
-                                server_of=getattr(method, "server_of", None))
+                                downs, report.server_flops, scenario.population.server, sequential=sequential,
+                                server_of=report.server_of)
         t_round = round_time(costs.values(), sequential=sequential)
         for cid in cids:
             ctx, up, dn, c = ctxs[cid], ups[cid], downs[cid], costs[cid]
@@ -145,10 +147,9 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
                 "bytes_up": up, "bytes_down": dn, "flops": int(ctx.flops), "t_comp_s": c.t_comp, "t_up_s": c.t_up,
                 "t_down_s": c.t_down, "t_server_s": c.t_server, "sim_time_s": c.time_s, "energy_j": c.energy_j,
                 "mem_mb": round(ctx.mem_bytes / MIB, 3),
-                **(method.client_row(rnd, cid) if hasattr(method, "client_row") else {}),  # e.g. the allocation
+                **report.client_rows.get(cid, {}),  # e.g. the allocation
             })
-        if hasattr(method, "observe"):  # e.g. adaptive per-client budgets from observed cost
-            method.observe(state, rnd, costs)
+        method.observe(state, rnd, costs)  # e.g. adaptive per-client budgets from observed cost
         up_r, dn_r = ledger.bytes(rnd=rnd, direction=UP), ledger.bytes(rnd=rnd, direction=DOWN)
         totals.bytes_up += up_r
         totals.bytes_down += dn_r
@@ -175,8 +176,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             # Clients select in parallel: the stage's simulated compute time is the slowest client's.
             m["selection_time_s"] = max(ctxs[c].selection_flops / ctxs[c].device.flops_per_s for c in cids)
             m["clients_trained"] = len(replies)
-        if hasattr(method, "round_stats"):  # method-specific numbers (server FLOPs, chosen ranks, ...)
-            m.update(method.round_stats(state, rnd))
+        m.update(report.stats)  # method-specific numbers (server FLOPs, chosen ranks, ...)
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             m.update(evaluate(scenario, method, state, backend.client_states))
         ledger.drop_round(rnd)
@@ -185,7 +185,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         if rundir is not None and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
             rundir.save_checkpoint({"round": rnd, "state": state, "client_states": backend.client_states,
                                     "totals": totals, "flop_cache": backend.flop_cache})
-    if rundir is not None and hasattr(method, "export"):
+    if rundir is not None:
         method.export(state, rundir.path)
     return history
 
@@ -193,7 +193,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
 def evaluate(scenario, method, state, client_states: dict[int, dict]) -> dict[str, float]:
     """Global evaluation on the server's held-out set, plus per-client evaluation on each
     client's own test split when the scenario has them (run on the client; only the numbers
-    travel). Personalised methods provide `client_eval_model(state, cid, client_state)`."""
+    travel). Personalised methods override `client_eval_model(state, cid, client_state)`."""
     if scenario.validation is not None:  # tuning: the validation share of the clients' data, never the test set
         out = scenario.task.evaluate(method.eval_model(state), scenario.validation)
     else:
@@ -205,10 +205,7 @@ def evaluate(scenario, method, state, client_states: dict[int, dict]) -> dict[st
     for cid, samples in enumerate(tests):
         if not samples:
             continue
-        if hasattr(method, "client_eval_model"):
-            model = method.client_eval_model(state, cid, client_states.get(cid, {}))
-        else:
-            model = method.eval_model(state)
+        model = method.client_eval_model(state, cid, client_states.get(cid, {}))
         for k, v in scenario.task.evaluate(model, samples).items():
             if isinstance(v, (int, float)):  # per-family dicts stay a global-evaluation detail
                 per.setdefault(k, []).append(v)

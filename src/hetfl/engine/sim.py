@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-from hetfl.engine.api import ClientContext, Message, derive_seed
+from hetfl.engine.api import ClientContext, Message
+from hetfl.seeding import derive_seed
 from hetfl.engine.link import DOWN, UP, Link
 from hetfl.errors import ConfigError, HetflWarning
 
@@ -37,14 +38,14 @@ class SimulatedBackend:
     def run_round(self, rnd: int, down: dict[int, Message], knobs: dict[int, dict],
                   mem: dict[int, int]) -> tuple[dict[int, Message], dict[int, ClientContext]]:
         cids = sorted(down, reverse=self.order == "reverse")
-        if hasattr(self.method, "client_order"):  # sequential methods (SplitFed V2) fix a seeded order
+        if self.method.schedule == "sequential":  # the method fixes the order (SplitFed V2: seeded)
             cids = self.method.client_order(rnd, sorted(cids))
         ctxs = {cid: self.context(rnd, cid, knobs[cid], mem[cid]) for cid in cids}
         msgs = {cid: self.link.send(DOWN, rnd, cid, down[cid].kind or "model", down[cid]) for cid in cids}
         if self.selector is not None:
             self.select(rnd, cids, ctxs, msgs)
         active = [cid for cid in cids if ctxs[cid].data]  # an empty coreset: the client skips training
-        if getattr(self.method, "lockstep", False):
+        if self.method.schedule == "lockstep":
             return self.run_lockstep(rnd, active, msgs, ctxs), ctxs
         replies = {}
         for cid in active:
@@ -96,10 +97,10 @@ class SimulatedBackend:
 
     def context(self, rnd: int, cid: int, knobs: dict, mem: int) -> ClientContext:
         server = None
-        if hasattr(self.method, "server_handler"):  # split methods: per-batch calls cross the link
+        if self.method.calls_server:  # split methods: per-batch calls cross the link
             from hetfl.engine.split import LinkedServer
 
-            server = LinkedServer(self.link, rnd, cid, self.method.server_handler(rnd))
+            server = LinkedServer(self.link, rnd, cid, self.method.server_call(rnd))
         return client_context(self.scenario, rnd, cid, knobs, mem, self.client_states.setdefault(cid, {}),
                               self.flop_cache, server)
 

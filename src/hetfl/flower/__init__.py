@@ -31,10 +31,10 @@ def check_supported(cfg, method) -> None:
             a data-selection stage, per-client evaluation, or sequential client orders.
     """
     name = cfg.method.name
-    if hasattr(method, "server_handler"):
+    if method.calls_server:
         raise ConfigError(f"method.name: {name} makes per-batch server calls (split learning), which plain Flower "
                           "rounds cannot carry; run it with --backend sim")
-    if getattr(method, "lockstep", False) or hasattr(method, "client_order"):
+    if method.schedule != "parallel":
         raise ConfigError(f"method.name: {name} needs clients to step together or in a fixed order within a round, "
                           "which plain Flower rounds cannot carry; run it with --backend sim")
     if cfg.selection.name != "none":

@@ -12,7 +12,7 @@ from typing import Iterable, Literal
 import torch
 
 from hetfl.config import Config, MethodConfig
-from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, iter_sorted
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, Method, ServerState, iter_sorted
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class ServerOptimizer:
             g[name] = g[name] + self.c.server_lr * m / (v.sqrt() + self.c.tau)
 
 
-class ParamAveraging:
+class ParamAveraging(Method):
     """FedAvg over the tensors returned by `trainable(model)`; subclasses choose them.
 
     Down: the current global tensors (kind "model"). Up: the client's deltas (kind "update").

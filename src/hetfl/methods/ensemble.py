@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hetfl.engine.api import derive_seed
+from hetfl.seeding import derive_seed
 from hetfl.methods.floral import MixtureMethod, RouterConfig
 from hetfl.models.floral import Mixture
 from hetfl.registry import register_method

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetfl.engine.api import derive_seed
+from hetfl.seeding import derive_seed
 from hetfl.methods.common import AvgConfig, ParamAveraging
 from hetfl.registry import register_method
 

@@ -42,8 +42,8 @@ class FedVConfig(SplitConfig):
 @register_method("fedv", FedVConfig, "FedV: U-shaped split learning, shared server body with exact gradients")
 class FedV(SplitMethod):
     @property
-    def lockstep(self) -> bool:
-        return self.mcfg.body == "train" and self.mcfg.body_schedule == "step"
+    def schedule(self) -> str:  # one shared body step per local step needs the clients in lockstep
+        return "lockstep" if self.mcfg.body == "train" and self.mcfg.body_schedule == "step" else "parallel"
 
     # -- server ----------------------------------------------------------------------------
     def begin_round(self, state: ServerState, rnd: int, cids: list[int]) -> None:

@@ -24,7 +24,9 @@ from typing import Literal
 
 import torch
 
-from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, derive_seed, iter_sorted
+from hetfl.engine.api import (NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, Method, RoundReport, ServerState,
+                             iter_sorted)
+from hetfl.seeding import derive_seed
 from hetfl.errors import ConfigError
 from hetfl.methods.common import AvgConfig, ServerOptimizer, estimate_memory, make_optimizer
 from hetfl.models.floral import ORACLE_OFF, attach_floral, merge_into
@@ -119,7 +121,7 @@ def mixture_average(replies: dict[int, Message], p: dict[int, float], p_given_c:
     return mean
 
 
-class MixtureMethod:
+class MixtureMethod(Method):
     """A private mixture over K shared components; subclasses say what the components are."""
 
     supports_selection = True  # `load` puts the client's whole model (shared + private) in place
@@ -280,10 +282,10 @@ class MixtureMethod:
         server = state.get("logits", {}).get(cid)
         return self.personal(self.held_logits(clusters[cid] if clusters else None, client_state, server))
 
-    def round_stats(self, state: ServerState, rnd: int) -> dict:
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
         extra = self.extra_params()
-        return {"adaptor_params": extra, "param_overhead_pct": 100.0 * extra / self.base_params,
-                "pi_max_mean": state.get("pi_max_mean", 1.0)}
+        return RoundReport(stats={"adaptor_params": extra, "param_overhead_pct": 100.0 * extra / self.base_params,
+                                  "pi_max_mean": state.get("pi_max_mean", 1.0)})
 
 
 @register_method("floral", FloralConfig, "FLoRAL: shared base + K shared low-rank adaptors, private mixture")

@@ -22,7 +22,8 @@ from typing import Literal
 
 import torch
 
-from hetfl.engine.api import ClientContext, Message, ServerState, generator, iter_sorted
+from hetfl.engine.api import ClientContext, Message, ServerState, iter_sorted
+from hetfl.seeding import generator
 from hetfl.methods.hetrank import HetRankConfig, HetRankLoRA, client_weights, factor_keys, index_key
 from hetfl.models.lora import lora_state_dict
 from hetfl.registry import register_method

@@ -22,8 +22,9 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from hetfl.engine.api import (NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, derive_seed, generator,
+from hetfl.engine.api import (NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, Method, RoundReport, ServerState,
                              iter_sorted)
+from hetfl.seeding import derive_seed, generator
 from hetfl.methods.common import AvgConfig, ServerOptimizer, estimate_memory, local_train, tokens_per_sample
 from hetfl.models.lora import inject_lora, load_lora_state_dict, lora_modules, lora_state_dict
 from hetfl.system.cost import client_cost
@@ -126,7 +127,7 @@ def load_factors(model: nn.Module, tensors: dict[str, torch.Tensor], scale: Call
         m.scaling = scale(m.rank)
 
 
-class HetRankLoRA:
+class HetRankLoRA(Method):
     """Base of the heterogeneous-rank LoRA methods: rank choice, plans, adaptive budgets, local training.
 
     Subclasses implement `setup` (calling `setup_ranks`), `configure`, `client_update`,
@@ -282,10 +283,10 @@ class HetRankLoRA:
             k_max = self.max_rank(pop.device(cid))
             state["rank"][cid] = adapt_rank(state["rank"][cid], costs[cid].time_s, self.mcfg.deadline_s, k_max)
 
-    def round_stats(self, state: ServerState, rnd: int) -> dict[str, float]:
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
         ks = list(state["round_rank"].values())
         out = {"rank_mean": sum(ks) / len(ks), "rank_min": min(ks), "rank_max": max(ks)} if ks else {}
-        return {**out, **state.get("stats", {})}
+        return RoundReport(stats={**out, **state.get("stats", {})})
 
     # -- client side ------------------------------------------------------------------
     def load(self, msg: Message, ctx: ClientContext) -> None:

@@ -28,7 +28,9 @@ from typing import Literal
 
 import torch
 
-from hetfl.engine.api import Message, ServerState, derive_seed
+from hetfl.comm.codecs import Quant
+from hetfl.engine.api import Message, RoundReport, ServerState
+from hetfl.seeding import derive_seed
 from hetfl.methods.split_common import SplitConfig
 from hetfl.methods.splitfed_v1 import SplitFedV1
 from hetfl.registry import register_method
@@ -56,11 +58,6 @@ class SFLAMConfig(SplitConfig):
             yield "group", "must be >= 0"
 
 
-def codec_name(bits: int, group: int, rounding: str) -> str:
-    """The link codec for `bits`-bit uniform quantization (32: plain fp32)."""
-    if bits == 32:
-        return "fp32"
-    return f"{'sq' if rounding == 'stochastic' else 'rq'}{bits}" + (f"g{group}" if group else "")
 
 
 @register_method("sflam", SFLAMConfig, "SFLAM: quantized SplitFed with partial server fine-tuning, M edge servers")
@@ -95,10 +92,6 @@ class SFLAM(SplitFedV1):
             self.server_of = {c: int(s) for c, s in enumerate(initial_servers(w, self.channels, self.cfg.seed))}
         return state
 
-    def attach_link(self, link) -> None:
-        """The loop hands over the run's link so the method can set per-device codecs."""
-        self.link = link
-
     # -- what trains on the server ----------------------------------------------------------
     def server_names(self, cut: int) -> tuple[str, ...]:
         """The server-side parameters that train (the rest of the server part stays frozen)."""
@@ -119,14 +112,16 @@ class SFLAM(SplitFedV1):
         if self.cfg.wireless.enabled and (self.cfg.wireless.allocate_every == "round" or not self.radio_of):
             self.allocate(rnd, cids if self.cfg.wireless.allocate_every == "round" else list(range(len(self.bits))))
         self.served: dict[int, list[int]] = {m: [] for m in range(self.num_servers)}
-        link = getattr(self, "link", None)  # attach_link runs before setup in the loop
-        if link is not None:
-            link.clear_codecs()
-            for cid in cids:
-                link.set_codec(cid, "activations", codec_name(self.bits[cid], self.mcfg.group, self.mcfg.rounding))
-                if self.mcfg.grad_bits != 32:
-                    link.set_codec(cid, "grad_cut",
-                                        codec_name(self.mcfg.grad_bits, self.mcfg.group, self.mcfg.rounding))
+
+    def codecs(self, rnd: int, cids: list[int]) -> dict[int, dict[str, Quant]]:
+        """Each device's activations at its own bit-width (and the gradient at `grad_bits`)."""
+        m, out = self.mcfg, {}
+        stochastic = m.rounding == "stochastic"
+        for cid in cids:
+            out[cid] = {"activations": Quant(self.bits[cid], m.group, stochastic)}
+            if m.grad_bits != 32:
+                out[cid]["grad_cut"] = Quant(m.grad_bits, m.group, stochastic)
+        return out
 
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
         msgs = super().configure(state, rnd, cids)
@@ -244,11 +239,7 @@ class SFLAM(SplitFedV1):
             self.cuts[c] = best_cut
         return best
 
-    def radio(self, rnd: int, cids: list[int]) -> dict[int, tuple[float, float, int]]:
-        """Bandwidth, power and server per client for the loop's wireless cost model."""
-        return {c: self.radio_of[c] for c in cids}
-
-    def client_row(self, rnd: int, cid: int) -> dict:
+    def client_row(self, cid: int) -> dict:
         out = {"server": self.server_of[cid], "bits": self.bits[cid]}
         if cid in self.radio_of:
             out["bandwidth_hz"], out["power_w"] = self.radio_of[cid][0], self.radio_of[cid][1]
@@ -277,8 +268,12 @@ class SFLAM(SplitFedV1):
         rows = ["lambda,latency_s,energy_j"] + [f"{lam},{t},{e}" for lam, t, e in self.tradeoff(self.round_cids)]
         Path(out_dir, "tradeoff.csv").write_text("\n".join(rows) + "\n")
 
-    def round_stats(self, state: ServerState, rnd: int) -> dict[str, float]:
-        out = super().round_stats(state, rnd)
-        out["bits_mean"] = sum(self.bits[c] for c in self.round_cids) / len(self.round_cids)
-        out["servers_used"] = sum(1 for c in self.served.values() if c)
-        return out
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
+        rep = super().report(state, rnd, cids)
+        rep.stats["bits_mean"] = sum(self.bits[c] for c in self.round_cids) / len(self.round_cids)
+        rep.stats["servers_used"] = sum(1 for c in self.served.values() if c)
+        rep.client_rows = {c: self.client_row(c) for c in cids}
+        rep.server_of = dict(self.server_of)
+        if self.cfg.wireless.enabled:  # bandwidth, power and server per client for the wireless cost model
+            rep.radio = {c: self.radio_of[c] for c in cids}
+        return rep

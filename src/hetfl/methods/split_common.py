@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from hetfl.config import Config, MethodConfig
-from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, Method, RoundReport, ServerState
 from hetfl.engine.split import ServerMeter
 from hetfl.errors import ConfigError
 from hetfl.methods.common import make_optimizer, optimizer_state_factor
@@ -67,8 +67,10 @@ def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="none")  # (B,)
 
 
-class SplitMethod:
+class SplitMethod(Method):
     """Base of the split methods; see the module docstring."""
+
+    calls_server = True
 
     tail_on_client = True  # U-shaped (labels stay home); False: the server runs the tail (SplitFed)
 
@@ -166,7 +168,7 @@ class SplitMethod:
         """Whether the server part runs in training mode (False: a frozen, deterministic body)."""
         return True
 
-    def server_handler(self, rnd: int):
+    def server_call(self, rnd: int):
         def handle(cid: int, kind: str, msg: Message) -> Message:
             before = self.meter.flops  # server FLOPs per client: its share of the server's time
             reply = self.serve(cid, kind, msg)
@@ -183,8 +185,6 @@ class SplitMethod:
         with torch.no_grad():
             for n, t in msg.tensors.items():
                 params[n].copy_(t)
-
-    lockstep = False  # True: the backend advances all clients one local step at a time (`barrier`)
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
         steps = self.client_steps(msg, ctx)
@@ -215,10 +215,10 @@ class SplitMethod:
             opt.zero_grad(set_to_none=True)
             losses.append(self.client_step(ctx, cut, k, batch))
             opt.step()
-            if self.lockstep:
+            if self.schedule == "lockstep":
                 parked = {n: p.detach().clone() for n, p in params.items()}
             yield k
-            if self.lockstep:
+            if self.schedule == "lockstep":
                 self.client_params(ctx, reload=False)  # this client's trainable set (cuts differ)
                 with torch.no_grad():
                     for n, p in params.items():
@@ -306,11 +306,12 @@ class SplitMethod:
                 params[n].copy_(t)
         return model
 
-    def round_stats(self, state: ServerState, rnd: int) -> dict[str, float]:
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
         held = [count(self.scenario.model, self.client_names(self.cuts[c])) for c in self.round_cids]
-        return {"server_flops": self.meter.flops, "client_params_max": max(held),
-                "client_params_mean": sum(held) / len(held),
-                "cut_mean": sum(self.cuts[c] for c in self.round_cids) / len(self.round_cids)}
+        return RoundReport(stats={"server_flops": self.meter.flops, "client_params_max": max(held),
+                                  "client_params_mean": sum(held) / len(held),
+                                  "cut_mean": sum(self.cuts[c] for c in self.round_cids) / len(self.round_cids)},
+                           server_flops=dict(self.server_flops_by_client))
 
 
 class SplitFedBase(SplitMethod):

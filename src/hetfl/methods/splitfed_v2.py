@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hetfl.engine.api import Message, ServerState, generator
+from hetfl.engine.api import Message, ServerState
+from hetfl.seeding import generator
 from hetfl.methods.common import make_optimizer
 from hetfl.methods.split_common import SplitConfig, SplitFedBase
 from hetfl.registry import register_method
@@ -26,11 +27,10 @@ class SplitFedV2Config(SplitConfig):
 
 @register_method("splitfed-v2", SplitFedV2Config, "SplitFed V2: one server-side model trained by clients in turn")
 class SplitFedV2(SplitFedBase):
-    def client_order(self, rnd: int, cids: list[int]) -> list[int]:
-        """The order the server serves this round's clients in: a seeded permutation.
+    schedule = "sequential"  # the server serves clients one after another: a round is their sum
 
-        Defining this hook declares that the server serves clients one after another: the loop
-        times the round as the sum of its clients' times, each alone on the server."""
+    def client_order(self, rnd: int, cids: list[int]) -> list[int]:
+        """The order the server serves this round's clients in: a seeded permutation."""
         perm = torch.randperm(len(cids), generator=generator(self.cfg.seed, rnd, "splitfed-v2-order"))
         return [cids[i] for i in perm.tolist()]
 

@@ -16,7 +16,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from hetfl.engine.api import ClientContext, Message, derive_seed
+from hetfl.engine.api import ClientContext, Message
+from hetfl.seeding import derive_seed
 from hetfl.registry import register_selector
 from hetfl.selection.base import RatioSelectionConfig
 from hetfl.selection.features import client_features, one_thread

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from hetfl.config import SelectionConfig
-from hetfl.engine.api import ClientContext, Message, derive_seed
+from hetfl.engine.api import ClientContext, Message
+from hetfl.seeding import derive_seed
 from hetfl.registry import register_selector
 from hetfl.selection.features import client_features, one_thread, prompt_part, reduce_2d
 

@@ -50,7 +50,7 @@ from scipy.optimize import brentq, minimize_scalar
 from scipy.special import lambertw
 
 from hetfl.config import WirelessConfig
-from hetfl.engine.api import derive_seed
+from hetfl.seeding import derive_seed
 from hetfl.errors import ConfigError
 from hetfl.system.wireless import (Channels, Loads, RoundCost, compute_energy, fixed_latency, noise_psd_w, round_cost,
                                    round_upload_bits)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetfl.config import WirelessConfig
-from hetfl.engine.api import derive_seed
+from hetfl.seeding import derive_seed
 from hetfl.system.devices import DeviceProfile
 
 

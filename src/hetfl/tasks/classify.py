@@ -141,7 +141,7 @@ def cap_per_class(idx: np.ndarray, labels: Sequence[int], cap: int, rng: np.rand
 
 
 def _split(cfg, labels: Sequence[int], what: str) -> tuple[np.ndarray, np.ndarray]:
-    from hetfl.engine.api import derive_seed
+    from hetfl.seeding import derive_seed
     from hetfl.errors import ConfigError
 
     n = len(labels)
@@ -164,7 +164,7 @@ def build_bbc_news(cfg):
     Articles are tokenized and truncated to ``data.max_len`` tokens (title and lead survive).
     """
     from hetfl.data.text import encode_texts, load_bbc_news
-    from hetfl.engine.api import derive_seed
+    from hetfl.seeding import derive_seed
     from hetfl.errors import ConfigError
     from hetfl.models.classifiers import IMAGE_MODELS, TEXT_MODELS, load_text_classifier
     from hetfl.scenario import TaskData
@@ -185,7 +185,7 @@ def build_bbc_news(cfg):
 def build_digits(cfg):
     """TaskData for scikit-learn digits (32x32, 10 classes) with an image classifier."""
     from hetfl.data.vision import load_digits_images
-    from hetfl.engine.api import derive_seed
+    from hetfl.seeding import derive_seed
     from hetfl.errors import ConfigError
     from hetfl.models.classifiers import IMAGE_MODELS, TEXT_MODELS, build_image_classifier
     from hetfl.scenario import TaskData

@@ -138,7 +138,7 @@ def _instruction_examples(cfg) -> tuple[list[Example], list[Example]]:
     import numpy as np
 
     from hetfl.data import instruct
-    from hetfl.engine.api import derive_seed
+    from hetfl.seeding import derive_seed
     from hetfl.errors import ConfigError
 
     d = cfg.data
@@ -175,7 +175,7 @@ def _load_rows(name: str, seed: int) -> list:
 
     from hetfl.data import instruct
     from hetfl.data.natural_instructions import load_ni_tasks
-    from hetfl.engine.api import derive_seed
+    from hetfl.seeding import derive_seed
     from hetfl.errors import DataError
 
     folder = Path(name)
@@ -194,7 +194,7 @@ def build_instruct(cfg):
     """TaskData for instruction tuning a causal LM (synth-instruct or a local Alpaca/Dolly file)."""
     import numpy as np
 
-    from hetfl.engine.api import derive_seed
+    from hetfl.seeding import derive_seed
     from hetfl.models.builders import load_causal_lm
     from hetfl.scenario import TaskData
 

@@ -49,7 +49,7 @@ class BowClassifier(nn.Module):
 def build_bbc_news_bow(cfg):
     """TaskData for BBC News topics with `BowClassifier` (the first ``data.max_len`` words)."""
     from hetfl.data.text import load_bbc_news
-    from hetfl.engine.api import derive_seed
+    from hetfl.seeding import derive_seed
     from hetfl.errors import ConfigError
     from hetfl.scenario import TaskData
     from hetfl.tasks.classify import ClassifyTask, _split

@@ -129,7 +129,7 @@ def draw_teachers(kind: str, clusters: int, gen: torch.Generator, d: int = SYNTH
 
 def build_synth(cfg):
     """TaskData for `synth-linear` / `synth-mlp` (see the module docstring)."""
-    from hetfl.engine.api import derive_seed
+    from hetfl.seeding import derive_seed
     from hetfl.errors import ConfigError
     from hetfl.scenario import TaskData
 
