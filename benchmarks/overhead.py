@@ -20,7 +20,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hetfl.config import load_config  # noqa: E402
-from hetfl.engine.api import generator  # noqa: E402
+from hetfl.seeding import generator  # noqa: E402
 from hetfl.engine.loop import run_rounds, sample_clients  # noqa: E402
 from hetfl.methods.common import make_optimizer  # noqa: E402
 from hetfl.runner import build_method  # noqa: E402

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from hetfl.config import WirelessConfig
+from hetfl.system.wireless import WirelessConfig
 from hetfl.errors import ConfigError
 from hetfl.system.allocate import admissible_bits, allocate, min_bandwidth, solve_bandwidth_power
 from hetfl.system.devices import DeviceProfile

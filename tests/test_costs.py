@@ -9,13 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hetfl.config import WirelessConfig, load_config
+from hetfl.config import load_config
 from hetfl.engine.loop import run_rounds
 from hetfl.errors import ConfigError
 from hetfl.runner import build_method
 from hetfl.scenario import build_scenario
 from hetfl.system.cost import Cost, WirelessCost, fixed_costs, round_time, served_at_once, server_time
 from hetfl.system.devices import DeviceProfile, ServerProfile, load_server
+from hetfl.system.wireless import WirelessConfig
 from hetfl.track.rundir import RunDir
 
 torch.set_num_threads(1)

@@ -14,6 +14,7 @@ from hetfl.engine.loop import run_rounds, sample_clients
 from hetfl.runner import build_method
 from hetfl.system.cost import client_cost
 from hetfl.track.rundir import RunDir
+from hetfl.selection.base import Selector
 
 
 def run_toy(*overrides, rundir=None, order="sorted"):
@@ -185,7 +186,7 @@ def test_random_selection_reports_exact_data_fraction():
         assert m["selection_flops"] == 0 and m["selection_time_s"] == 0  # nor computes anything
 
 
-class KeepNothingForOdd:
+class KeepNothingForOdd(Selector):
     """Uploads one number per client, and tells odd clients to keep nothing."""
 
     def summarize(self, ctx):

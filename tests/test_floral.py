@@ -2,6 +2,7 @@
 oracle router, stateful/stateless clients and what crosses the link, baselines on a toy model."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -9,12 +10,14 @@ import torch
 from toy import toy_config, toy_scenario
 from torch import nn
 
-from hetfl.engine.api import NUM_EXAMPLES, Message
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, Message
 from hetfl.engine.link import Ledger, Link
 from hetfl.engine.loop import run_rounds
 from hetfl.engine.sim import SimulatedBackend
 from hetfl.errors import ConfigError
-from hetfl.methods.floral import LOGITS, STACKED, mixture_average, mixture_weights
+from hetfl.methods.common import TYPICAL_LOSS
+from hetfl.methods.ensemble import member_of
+from hetfl.methods.mixture import LOGITS, STACKED, mixture_average, mixture_weights
 from hetfl.models.floral import attach_floral, merge_into, resolve_rank
 from hetfl.runner import build_method
 
@@ -174,7 +177,7 @@ def _round(method, backend, state, knobs, rnd, cids):
     return method.aggregate(state, rnd, replies), replies
 
 
-def test_oracle_router_is_one_hot_and_never_changes():
+def test_oracle_router_is_one_hot_and_never_changes(monkeypatch):
     sc, method, backend, state, knobs, _ = _run("method.router=oracle")
     for rnd in (1, 2):
         state, replies = _round(method, backend, state, knobs, rnd, [0, 1, 3])
@@ -182,11 +185,13 @@ def test_oracle_router_is_one_hot_and_never_changes():
             pi = torch.softmax(m.tensors[LOGITS], 0)
             assert torch.equal(m.tensors[LOGITS], torch.tensor([0.0, -100.0] if cid % 2 == 0 else [-100.0, 0.0]))
             assert pi[cid % 2] == 1.0 and pi.sum() == 1.0
-    assert not method.mixture_of(sc.model).logits.requires_grad
+    assert not sc.model.floral.mixture.logits.requires_grad
     assert all(not s for s in backend.client_states.values())  # nothing to keep: the cluster is known
     logits = []
-    orig = method.personal
-    method.personal = lambda w: logits.append(w) or orig(w)
+    import hetfl.methods.floral as floral
+
+    orig = floral.merge_into
+    monkeypatch.setattr(floral, "merge_into", lambda plain, model, w: logits.append(w) or orig(plain, model, w))
     method.client_eval_model(state, 5, {})
     assert torch.equal(logits[0], torch.tensor([-100.0, 0.0]))
 
@@ -205,6 +210,7 @@ def test_stateless_clients_carry_nothing_and_the_ledger_shows_the_logits(option)
     sc, method, backend, state, knobs, ledger = _run("method.state=stateless", f"method.stateless_logits={option}")
     n_floats = sum(v.numel() for v in state["global"].values())
     for rnd in (1, 2, 3):
+        payload = {cid: method.payload(state, rnd, cid, len(sc.client_data[cid])) for cid in (0, 1, 2)}
         state, replies = _round(method, backend, state, knobs, rnd, [0, 1, 2])
         assert all(not s for s in backend.client_states.values())
         for cid in (0, 1, 2):
@@ -212,6 +218,9 @@ def test_stateless_clients_carry_nothing_and_the_ledger_shows_the_logits(option)
             up = ledger.bytes(rnd=rnd, cid=cid, direction="up")
             assert down == 4 * (n_floats + (k if option == "server" else 0))  # fp32; logits only from the server
             assert up == 4 * (n_floats + k) + replies[cid].meta_nbytes()  # logits always go up (for p(i|c))
+            # the analytic payload, its loss counted at TYPICAL_LOSS's length
+            loss_chars = len(json.dumps(replies[cid].meta[TRAIN_LOSS])) - len(json.dumps(TYPICAL_LOSS))
+            assert payload[cid] == (down, up - loss_chars)
     if option == "server":
         assert set(state["logits"]) == {0, 1, 2}
         # what came down in round 3 is what went up in round 2
@@ -245,9 +254,10 @@ def test_floral_toy_run_pinned_and_order_independent():
 
 def test_local_adaptor_keeps_its_adaptor_private_and_sends_only_the_base():
     sc, method, backend, state, knobs, _ = _run("method.name=local-adaptor")
-    assert method.k == 1 and not any(k.startswith("floral.") for k in state["global"])
+    assert sc.model.floral.mixture.logits.shape == (1,) and not any(k.startswith("floral.") for k in state["global"])
     state, replies = _round(method, backend, state, knobs, 1, [0, 1])
     assert set(replies[0].tensors) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert set(backend.client_states[0]) == {"private"}  # K = 1: no logits to keep
     private = backend.client_states[0]["private"]
     assert set(private) == {f"floral.adaptors.{n}" for n in
                             ("fc1.lora_A", "fc1.lora_B", "fc1.lora_bias", "fc2.lora_A", "fc2.lora_B", "fc2.lora_bias")}
@@ -257,7 +267,7 @@ def test_local_adaptor_keeps_its_adaptor_private_and_sends_only_the_base():
 
 def test_ensemble_averages_member_c_with_p_i_given_c_and_reports_overhead():
     sc, method, backend, state, knobs, _ = _run("method.name=ensemble")
-    assert method.slot("members.1.fc2.bias") == 1
+    assert member_of("members.1.fc2.bias") == 1
     assert not torch.equal(state["global"]["members.0.fc1.weight"], state["global"]["members.1.fc1.weight"])
     state, replies = _round(method, backend, state, knobs, 1, [0, 1])
     assert method.report(state, 1, []).stats["param_overhead_pct"] == pytest.approx(100.0)

@@ -184,12 +184,12 @@ def test_policy_picks_largest_rank_meeting_deadline_and_memory():
     sc, method, _ = wide_setup("method.name=fslora")
     dev = sc.population.device(0)
     # SGD without momentum: each extra unit of rank adds its weights and gradients, 8 bytes per value.
-    assert method.memory(3) - method.memory(2) == 8 * UNITS
+    assert method.budget.memory(3) - method.budget.memory(2) == 8 * UNITS
     # Estimated time is affine in k; a deadline just above t(2) admits k = 2, not 3.
-    deadline = method.estimate_time(2, dev) * (1 + 1e-9)
-    assert method.estimate_time(3, dev) > deadline
+    deadline = method.budget.estimate_time(2, dev) * (1 + 1e-9)
+    assert method.budget.estimate_time(3, dev) > deadline
     _, pol, state = wide_setup("method.name=fslora", "method.sketch=policy", f"method.deadline_s={deadline}")
-    assert pol.plan(0, dev) == ({"rank": 2}, pol.memory(2))
+    assert pol.plan(0, dev) == ({"rank": 2}, pol.budget.memory(2))
     assert state["rank"][0] == 2
     _, nodl, _ = wide_setup("method.name=fslora", "method.sketch=policy")  # memory only: full rank fits
     assert nodl.plan(0, dev)[0] == {"rank": 4}

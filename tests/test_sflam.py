@@ -36,12 +36,12 @@ def test_two_edge_servers_serve_their_own_devices_and_are_averaged_across_server
     ledger, m, init, state, replies, ctxs = one_round(sflam_cfg(clients=4, **{"wireless.num_servers": 2}))
     assert m.served == {0: [0, 2], 1: [1, 3]}  # device k -> server k mod 2, nobody else's traffic
     w = {c: replies[c].meta["num_examples"] for c in replies}
-    for n in m.server_names(0):  # server parts: per-server data-weighted means, then across servers
-        srv = [(sum(m.copies[c][n] * w[c] for c in cs) / sum(w[c] for c in cs), sum(w[c] for c in cs))
+    for n in m.trained_names(0):  # server parts: per-server data-weighted means, then across servers
+        srv = [(sum(m.copies.trained[c][n] * w[c] for c in cs) / sum(w[c] for c in cs), sum(w[c] for c in cs))
                for cs in ([0, 2], [1, 3])]
         expected = sum(a * d for a, d in srv) / sum(d for _, d in srv)
         assert torch.allclose(state["global"][n], expected, atol=1e-6), n
-    for n in m.client_names(0):  # device parts: FedAvg of the uploads
+    for n in m.split.client_names(0):  # device parts: FedAvg of the uploads
         expected = sum((init[n] + replies[c].tensors[n]) * w[c] for c in replies) / sum(w.values())
         assert torch.allclose(state["global"][n], expected, atol=1e-6), n
     assert m.report(state, 1, []).stats["servers_used"] == 2
@@ -50,11 +50,11 @@ def test_two_edge_servers_serve_their_own_devices_and_are_averaged_across_server
 def test_server_side_lora_trains_adapters_and_tail_only():
     cfg = sflam_cfg({"server_tune": "lora"}, **{"lora.targets": "[fc]", "lora.rank": 2})
     _, m, init, state, _, _ = one_round(cfg)
-    trained = set(m.server_names(0))
-    assert trained and all("lora_" in n or n in m.layout.tail for n in trained)
+    trained = set(m.trained_names(0))
+    assert trained and all("lora_" in n or n in m.split.layout.tail for n in trained)
     for n, t in state["global"].items():
         moved = not torch.equal(t, init[n])
-        if n in trained or n in m.client_names(0):
+        if n in trained or n in m.split.client_names(0):
             assert moved, n  # adapters, tail and the device's embedding all train
         else:
             assert not moved, n  # the server's base weights stay bit-identical
@@ -63,7 +63,7 @@ def test_server_side_lora_trains_adapters_and_tail_only():
 def test_per_device_bits_set_the_activation_bytes_on_the_ledger():
     cfg = sflam_cfg({"bits": 4}, clients=2)
     ledger, m, *_ = one_round(cfg)
-    e = m.cut_elems[0]  # activation elements per sample at the cut
+    e = m.split.cut_elems[0]  # activation elements per sample at the cut
     steps = cfg.train.local_steps
     per_step = math.ceil(B * e * 4 / 8) + 8 + B * 8  # q-bit payload + min/max header + int64 labels
     for cid in (0, 1):
@@ -83,7 +83,7 @@ def test_vanilla_sl_relays_the_client_part_from_client_to_client():
     cfg = split_cfg("mlp", {"name": "sl-vanilla"})
     ledger, m, init, state, replies, ctxs = one_round(cfg)
     first, second = m.order
-    head = m.client_names(0)
+    head = m.split.client_names(0)
     assert all(not r.tensors for r in replies.values())  # nothing averaged: the part is handed on
     # the global client part is what the last client handed off, and differs from the start
     assert all(torch.equal(state["global"][n], m.relay[n]) for n in head)
@@ -96,7 +96,7 @@ def test_wireless_cost_of_a_client_by_hand():
     """Channel gain chosen so that p h / (N0 b) = 1: the uplink rate is exactly b bit/s."""
     import numpy as np
 
-    from hetfl.config import WirelessConfig
+    from hetfl.system.wireless import WirelessConfig
     from hetfl.system.cost import WirelessCost
     from hetfl.system.devices import DeviceProfile
     from hetfl.system.wireless import Channels, noise_psd_w
@@ -150,15 +150,13 @@ def test_allocation_enumerates_cut_layers_and_the_clients_use_the_chosen_one():
     ledger, m, _, _, replies, ctxs = one_round(cfg)
     objective = {}
     for cut in (0, 1):
-        for c in (0, 1):
-            m.cuts[c] = cut
-        objective[cut] = allocate(cfg.wireless, m.channels.subset([0, 1]), m.loads([0, 1]), seed=cfg.seed).objective
+        objective[cut] = allocate(cfg.wireless, m.channels.subset([0, 1]), m.loads([0, 1], cut), seed=cfg.seed).objective
     chosen = min(objective, key=objective.get)
     assert chosen == 1
     assert m.last_allocation.objective == pytest.approx(objective[chosen])
     assert all(ctx.knobs["cut"] == chosen for ctx in ctxs.values())
-    assert set(replies[0].tensors) == set(m.layout.head(chosen))  # the device trained and sent that part
-    steps, e = cfg.train.local_steps, m.cut_elems[chosen]
+    assert set(replies[0].tensors) == set(m.split.layout.head(chosen))  # the device trained and sent that part
+    steps, e = cfg.train.local_steps, m.split.cut_elems[chosen]
     bits = m.bits[0]
     per_step = (math.ceil(B * e * bits / 8) + 8 if bits < 32 else B * e * 4) + B * 8
     assert ledger.bytes(cid=0, direction=UP, kind="activations") == steps * per_step
@@ -173,3 +171,31 @@ def test_fixed_mode_gives_equal_bands_full_power_and_fixed_bits():
         peers = sum(1 for s in m.server_of.values() if s == server)
         assert band == pytest.approx(cfg.wireless.bandwidth_hz / peers) and power == cfg.wireless.p_max_w
         assert server == m.server_of[c] and m.bits[c] == 4
+
+
+def test_payload_with_moving_cuts_counts_the_cut_in_the_model_message():
+    """wireless.cuts with 32-bit activations only: the allocation moves the cohort's cut, which
+    travels in the model message's metadata; the payload counts it (and the reply's loss at
+    TYPICAL_LOSS's JSON length: no shape gives it)."""
+    import json
+
+    from hetfl.engine.link import DOWN
+    from hetfl.methods.common import TYPICAL_LOSS
+
+    cfg = sflam_cfg({"bits": 32}, clients=2, model="tiny-vit-random",
+                    **{"wireless.enabled": "true", "wireless.allocate_every": "round", "wireless.cuts": "[0, 1]",
+                       "wireless.bits": "[32]", "wireless.lam": 1.0, "wireless.server_flops_per_s": 1e6})
+    ledger, m, _, state, replies, ctxs = one_round(cfg)
+    assert m.cuts.of(0) == 1 and m.cuts.meta(0) == {"cut": 1}
+    for cid, reply in replies.items():
+        loss_chars = len(json.dumps(reply.meta["train_loss"])) - len(json.dumps(TYPICAL_LOSS))
+        measured = (ledger.bytes(cid=cid, direction=DOWN), ledger.bytes(cid=cid, direction=UP) - loss_chars)
+        assert m.payload(state, 1, cid, reply.meta["num_examples"]) == measured
+
+
+def test_a_candidate_cut_the_model_cannot_take_names_wireless_cuts():
+    from hetfl.errors import ConfigError
+
+    cfg = sflam_cfg({}, clients=2, **{"wireless.enabled": "true", "wireless.cuts": "[0, 1]"})  # mlp: one block
+    with pytest.raises(ConfigError, match=r"wireless\.cuts: cut 1 is outside 0\.\.0"):
+        one_round(cfg)

@@ -2,6 +2,7 @@
 sizes against the spec's formulas (batch x tokens x width x bytes), server vs client FLOPs, and
 per-client cut points as seen by the ledger."""
 
+import json
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from hetfl.models.classifiers import build_image_classifier
 from hetfl.models.split import body_forward, head_forward, lengths_to_mask, mask_to_lengths, split_layout
 from hetfl.runner import build_method
 from hetfl.scenario import build_scenario
+from hetfl.methods.common import TYPICAL_LOSS
 
 torch.set_num_threads(1)
 
@@ -136,7 +138,7 @@ def test_split_message_sizes_match_the_spec(method, codec, per_step):
     kinds = {k for k in ledger.by_kind()}
     assert kinds == set(per_step) | {(DOWN, "model"), (UP, "update")}
     # Per round: the client part travels down as values and up as deltas (plus JSON metadata).
-    held = sum(p.numel() for n, p in sc.model.named_parameters() if n in m.client_names(m.cuts[0]))
+    held = sum(p.numel() for n, p in sc.model.named_parameters() if n in m.split.client_names(m.cuts.of(0)))
     bpe = 2 if codec == "fp16" else 4
     assert ledger.bytes(cid=0, direction=DOWN, kind="model") == 4 * held
     assert ledger.bytes(cid=0, direction=UP, kind="update") - bpe * held == replies[0].meta_nbytes()
@@ -179,7 +181,7 @@ def test_per_client_cut_changes_what_is_held_and_what_crosses():
     assert model_bytes[lap] - model_bytes[low] == 4 * block0
     assert ctxs[lap].mem_bytes > ctxs[low].mem_bytes
     stats = m.report(None, 1, []).stats
-    held = {c: sum(p.numel() for n, p in sc.model.named_parameters() if n in m.client_names(ctxs[c].knobs["cut"]))
+    held = {c: sum(p.numel() for n, p in sc.model.named_parameters() if n in m.split.client_names(ctxs[c].knobs["cut"]))
             for c in (low, lap)}
     assert held[lap] - held[low] == block0 and stats["client_params_max"] == held[lap]
 
@@ -213,3 +215,33 @@ def test_plan_counts_the_client_part_only():
     full = build_method(split_cfg("mlp", {"name": "fedavg-full"}))
     full.setup(sc)
     assert full.plan(0, sc.population.device(0))[1] > mem + 4 * (128 * 128 + 128)  # holds the body too
+
+
+# ----------------------------------------------------------------------------- payload
+
+
+PAYLOADS = [  # (model, method options, train options): every split method, batches smaller than the data and not
+    ("tiny-vit-random", {"name": "fedv"}, {}),
+    ("tiny-vit-random", {"name": "fedv", "cut": 1, "personal_tail": True}, {}),
+    ("tiny-vit-random", {"name": "fedvz", "q": 2, "difference": "central"}, {}),
+    ("tiny-vit-random", {"name": "splitfed-v1", "cut": 2}, {}),
+    ("tiny-vit-random", {"name": "splitfed-v2"}, {}),
+    ("tiny-vit-random", {"name": "sl-vanilla", "cut": 1}, {}),
+    ("tiny-vit-random", {"name": "sflam", "bits": 32}, {}),
+    ("mlp", {"name": "fedv", "body_schedule": "round"}, {"batch_size": 64}),  # one batch: all 30 samples
+    ("mlp", {"name": "splitfed-v1"}, {"batch_size": 64, "local_steps": 3}),
+    ("cnn", {"name": "sl-vanilla"}, {"epochs": 0.5}),
+]
+
+
+@pytest.mark.parametrize("model,method,train", PAYLOADS, ids=[f"{m}-{o['name']}-{i}" for i, (m, o, _) in
+                                                             enumerate(PAYLOADS)])
+def test_payload_is_what_the_ledger_measures(model, method, train):
+    """`Method.payload` is computed from shapes and the method's rules; with fp32 codecs the
+    ledger must measure exactly those bytes, each way, for every client (the reply's loss is
+    counted at TYPICAL_LOSS's JSON length: no shape gives it)."""
+    ledger, m, state, replies, ctxs, _ = one_round(split_cfg(model, method, **train))
+    for cid, reply in replies.items():
+        loss_chars = len(json.dumps(reply.meta["train_loss"])) - len(json.dumps(TYPICAL_LOSS))
+        measured = (ledger.bytes(cid=cid, direction=DOWN), ledger.bytes(cid=cid, direction=UP) - loss_chars)
+        assert m.payload(state, 1, cid, reply.meta["num_examples"]) == measured, cid

@@ -32,7 +32,7 @@ def test_fedvz_server_builds_no_graph_and_no_gradient_goes_up(monkeypatch):
     monkeypatch.setattr(fedvz_mod, "body_forward", spy)
     ledger, m, *_ = one_round(split_cfg("mlp", {"name": "fedvz", "q": 2}))
     assert len(seen) == 2 * 2 and all(s == (False, False, False, None) for s in seen)
-    assert not any(p.requires_grad for p in m.server_model.parameters())
+    assert not any(p.requires_grad for p in m.split.server_model.parameters())
     up_kinds = {k for d, k in ledger.by_kind() if d == UP}
     assert up_kinds == {"activations", "update"} and not any("grad" in k for k in up_kinds)
 
@@ -87,12 +87,12 @@ def test_splitfed_v1_aggregate_is_the_weighted_average_of_server_copies():
     _, m, state, replies, ctxs, _ = one_round(cfg)
     n = {c: len(ctxs[c].data) for c in ctxs}
     assert len(set(n.values())) > 1  # unequal data sizes: the weights matter
-    server = m.server_names(0)
+    server = m.split.server_names(0)
     assert server == ("blocks.0.fc.weight", "blocks.0.fc.bias", "classifier.weight", "classifier.bias")
     for name in server:
-        copies = [m.copies[c][name] for c in sorted(n)]
+        copies = [m.copies.trained[c][name] for c in sorted(n)]
         assert not torch.equal(copies[0], copies[1])  # distinct copies
-        expected = sum(n[c] * m.copies[c][name] for c in sorted(n)) / sum(n.values())
+        expected = sum(n[c] * m.copies.trained[c][name] for c in sorted(n)) / sum(n.values())
         assert torch.allclose(state["global"][name], expected, atol=1e-7)
 
 
@@ -109,8 +109,8 @@ def test_splitfed_v2_serves_clients_in_turn_with_one_server_model():
     _, m, state, replies, _, _ = one_round(split_cfg("mlp", {"name": "splitfed-v2"}))
     assert m.order == m.client_order(1, [0, 1]) and sorted(m.order) == [0, 1]  # the seeded service order
     assert m.client_order(1, [0, 1]) == m.client_order(1, [0, 1])
-    for name in m.server_names(0):  # no averaging: the global server part is the one trained model
-        assert torch.equal(state["global"][name], dict(m.server_model.named_parameters())[name])
+    for name in m.split.server_names(0):  # no averaging: the global server part is the one trained model
+        assert torch.equal(state["global"][name], dict(m.split.server_model.named_parameters())[name])
 
 
 # ----------------------------------------------------------------------------- FedV
@@ -129,7 +129,7 @@ def test_fedv_frozen_body_one_client_one_step_is_centralised_head_and_tail_train
     ref = copy.deepcopy(build_scenario(cfg).model)  # the same initial model
     _, m, state, _, ctxs, sc = one_round(cfg)
     batch = next(sc.task.batches(ctxs[0].data, 1, 8, generator(cfg.seed, 1, 0, "batches")))
-    trained = set(m.client_names(1))
+    trained = set(m.split.client_names(1))
     params = [p for n, p in ref.named_parameters() if n in trained]
     for n, p in ref.named_parameters():
         p.requires_grad_(n in trained)
@@ -244,9 +244,9 @@ def test_fedv_body_schedules_against_a_parallel_reference(schedule):
     cfg = split_cfg("mlp", {"name": "fedv", "body_schedule": schedule})
     ref = build_scenario(cfg).model
     _, m, state, replies, ctxs, sc = one_round(cfg)
-    assert m.lockstep == (schedule == "step")
+    assert (m.schedule == "lockstep") == (schedule == "step")
     init = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    client_names, lr = set(m.client_names(0)), 0.05
+    client_names, lr = set(m.split.client_names(0)), 0.05
     body = {n: t for n, t in init.items() if n not in client_names}
     mine = {c: {n: t.clone() for n, t in init.items() if n in client_names} for c in ctxs}
     batches = {c: list(sc.task.batches(ctxs[c].data, 2, B, generator(cfg.seed, 1, c, "batches"))) for c in ctxs}

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from hetfl.config import WirelessConfig, load_config
+from hetfl.config import load_config
 from hetfl.errors import ConfigError
 from hetfl.system.devices import DeviceProfile
-from hetfl.system.wireless import (Channels, draw_channels, make_loads, noise_psd_w, path_loss_db, round_cost,
-                                   shannon_rate)
+from hetfl.system.wireless import (Channels, WirelessConfig, draw_channels, make_loads, noise_psd_w, path_loss_db,
+                                   round_cost, shannon_rate)
 
 
 def dev(flops_per_s, cpu_hz, kappa):

@@ -19,7 +19,10 @@ from typing import Any, Iterator, Literal, Mapping
 
 import yaml
 
+from hetfl.comm.codecs import codec_problem
 from hetfl.errors import ConfigError
+from hetfl.registry import METHODS, SELECTORS
+from hetfl.system.wireless import WirelessConfig
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,6 @@ class CommConfig:
     by_kind: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> Iterator[tuple[str, str]]:
-        from hetfl.comm.codecs import codec_problem  # late: codecs import the registry
-
         named = [("up", self.up), ("down", self.down)] + [(f"by_kind.{k}", v) for k, v in self.by_kind.items()]
         for key, name in named:
             problem = codec_problem(name)
@@ -181,73 +182,6 @@ class EvalConfig:
             yield "batch_size", "must be >= 1"
         if not 0.0 < self.val_fraction < 1.0:
             yield "val_fraction", "must be in (0, 1)"
-
-
-@dataclass(frozen=True)
-class WirelessConfig:
-    """Wireless edge system for split learning (system/wireless.py, system/allocate.py).
-
-    Sources: [TR36.814] 3GPP TR 36.814 v9.0.0 Annex A.2.1 (evaluation assumptions: macro-cell
-    path loss 128.1 + 37.6 log10(R km) at 2 GHz, 8 dB log-normal shadowing, 35 m minimum
-    distance, 500 m inter-site distance, 46 dBm BS power per 10 MHz, UE noise figure 9 dB, BS
-    5 dB); [TS36.101] 3GPP TS 36.101 UE power class 3 (23 dBm); [kT] thermal noise density
-    k*290 K = 4.0e-21 W/Hz = -174 dBm/Hz; [Est] order-of-magnitude choice.
-    """
-
-    enabled: bool = False  # cost every method's rounds with this model (Shannon rates) instead of fixed link rates
-    bandwidth_hz: float = 10e6  # uplink band of EACH edge server, shared by its devices; LTE carrier [TS36.101]
-    down_bandwidth_hz: float = 10e6  # downlink band of each server, split equally among its devices
-    down_rate_bps: float = 0.0  # > 0: a fixed downlink rate per device instead of the Shannon rate
-    server_power_w: float = 40.0  # server (base station) transmit power: 46 dBm per 10 MHz [TR36.814]
-    noise_dbm_hz: float = -174.0  # noise power spectral density N0 [kT]
-    noise_figure_db: float = 0.0  # receiver noise figure added to N0 (5 dB at a BS [TR36.814]; 0 as in most FL papers)
-    p_max_w: float = 0.2  # device transmit power limit, 23 dBm [TS36.101]
-    path_loss_db_1km: float = 128.1  # path loss at 1 km, dB [TR36.814]
-    path_loss_slope_db: float = 37.6  # dB per decade of distance [TR36.814]
-    shadowing_db: float = 8.0  # std of log-normal shadowing, dB [TR36.814]
-    # device-server distance range, uniform: [TR36.814] 35 m minimum, half the 500 m inter-site distance
-    distance_m: tuple[float, ...] = (35.0, 250.0)
-    num_servers: int = 1  # edge servers M, each with its own band and compute
-    assignment: Literal["nearest", "random", "optimize"] = "nearest"  # device -> server
-    server_flops_per_s: float = 1e13  # per server, shared equally by its devices [Est] ~half an A100's fp32 peak
-    lam: float = 0.5  # objective lam*T + (1 - lam)*sum_k E_k (seconds and joules)
-    bits: tuple[int, ...] = (2, 4, 8, 16, 32)  # candidate activation bit-widths (32 = lossless fp32)
-    epsilon: float | None = None  # bound on d (M-m)^2 / (4 (2^q-1)^2) per device and batch; None: no bound
-    mode: Literal["optimize", "equal-bandwidth", "max-power", "fixed-bits", "fixed"] = "optimize"
-    fixed_bits: int = 8  # bit-width for every device in modes fixed-bits and fixed (fixed: equal bands, full power too)
-    allocate_every: Literal["once", "round"] = "once"  # solve once, or for every round's cohort
-    cuts: tuple[int, ...] = ()  # sflam: candidate cut layers, enumerated per allocation (); (): the method's cut
-    max_latency_factor: float = 10.0  # the optimiser considers round latencies up to this x the fastest feasible
-    max_iters: int = 20  # block-coordinate-descent iterations
-    tol: float = 1e-6  # stop when the objective improves by less than this fraction
-
-    def check(self) -> Iterator[tuple[str, str]]:
-        if any(c < 0 for c in self.cuts):
-            yield "cuts", "cut layers must be >= 0"
-        for key in ("bandwidth_hz", "down_bandwidth_hz", "server_power_w", "p_max_w", "server_flops_per_s", "tol"):
-            if not getattr(self, key) > 0:
-                yield key, "must be > 0"
-        if self.down_rate_bps < 0:
-            yield "down_rate_bps", "must be >= 0"
-        if self.shadowing_db < 0:
-            yield "shadowing_db", "must be >= 0"
-        if len(self.distance_m) != 2 or not 0 < self.distance_m[0] <= self.distance_m[1]:
-            yield "distance_m", "must be [min, max] with 0 < min <= max"
-        if self.num_servers < 1:
-            yield "num_servers", "must be >= 1"
-        if not 0.0 <= self.lam <= 1.0:
-            yield "lam", "must be in [0, 1]"
-        valid_bits = set(range(1, 17)) | {32}
-        if not self.bits or any(b not in valid_bits for b in self.bits):
-            yield "bits", "must be a non-empty list of bit-widths in 1..16 or 32"
-        if self.fixed_bits not in valid_bits:
-            yield "fixed_bits", "must be in 1..16 or 32"
-        if self.epsilon is not None and not self.epsilon > 0:
-            yield "epsilon", "must be > 0 (or null for no bound)"
-        if self.max_latency_factor < 1:
-            yield "max_latency_factor", "must be >= 1"
-        if self.max_iters < 1:
-            yield "max_iters", "must be >= 1"
 
 
 @dataclass(frozen=True)
@@ -294,10 +228,36 @@ class Config:
             yield "seeds", "every seed must be >= 0"
         if len(set(self.seeds)) != len(self.seeds):
             yield "seeds", "seeds must be distinct"
-        yield from _selection_fits_method(self)
-        rank_high = getattr(self.method, "rank_high", 0)  # heterogeneous-rank methods: k_i <= the global rank
-        if rank_high > self.lora.rank:
-            yield "method.rank_high", f"{rank_high} exceeds the global rank lora.rank={self.lora.rank}"
+        yield from config_rules(self)  # selection x method, rank ranges x lora.rank
+
+
+# ----------------------------------------------------------------------------- cross-section rules
+
+
+def selection_rule(cfg: Config, supports_selection: bool) -> Iterator[tuple[str, str]]:
+    """A selection stage needs a method that trains whole copies of the global model on the client's
+    data (`supports_selection`: it loads its down message with `load` before selection runs)."""
+    if cfg.selection.name == "none" or supports_selection:
+        return
+    ok = ", ".join(n for n in METHODS.names() if METHODS.get(n).factory.supports_selection)
+    yield "selection.name", (f"{cfg.selection.name} cannot combine with method {cfg.method.name} (data selection "
+                             f"needs a parameter-averaging method: {ok}); set selection.name=none")
+
+
+def config_rules(cfg: Config) -> Iterator[tuple[str, str]]:
+    """Rules between sections that need nothing but the config (run by `Config.check`); the rules
+    that need the model's facts or the backend are in hetfl/validation.py."""
+    yield from selection_rule(cfg, METHODS.get(cfg.method.name).factory.supports_selection)
+    m, r = cfg.method, cfg.lora.rank
+    rank_high = getattr(m, "rank_high", 0)  # heterogeneous-rank methods: k_i <= the global rank
+    if rank_high > r:
+        yield "method.rank_high", f"{rank_high} exceeds the global rank lora.rank={r}"
+    rank_low = getattr(m, "rank_low", 1)
+    if rank_low > r:
+        yield "method.rank_low", f"{rank_low} exceeds the global rank lora.rank={r}"
+    elif not rank_high and getattr(m, "rank_dist", "ratios") != "ratios" and rank_low > max(1, r // 2):
+        yield "method.rank_low", (f"{rank_low} exceeds the default rank_high (half of lora.rank={r}: "
+                                  f"{max(1, r // 2)}); set method.rank_high")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -404,23 +364,8 @@ def build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
 NAMED_SECTIONS = ("method", "selection")  # sections whose options depend on their `name`
 
 
-def _selection_fits_method(cfg: "Config") -> Iterator[tuple[str, str]]:
-    """A selection stage needs a method that trains whole copies of the global model on the client's
-    data (`supports_selection`: it loads its down message with `load` before selection runs)."""
-    if cfg.selection.name == "none":
-        return
-    methods = _section_registry("method")
-    if getattr(methods.get(cfg.method.name).factory, "supports_selection", False):
-        return
-    ok = ", ".join(n for n in methods.names() if getattr(methods.get(n).factory, "supports_selection", False))
-    yield "selection.name", (f"{cfg.selection.name} cannot combine with method {cfg.method.name} (data selection "
-                             f"needs a parameter-averaging method: {ok}); set selection.name=none")
-
-
 def _section_registry(section: str):
-    from hetfl import registry  # late: entries register themselves on import
-
-    return {"method": registry.METHODS, "selection": registry.SELECTORS}[section]
+    return {"method": METHODS, "selection": SELECTORS}[section]
 
 
 def build_named_section(section: str, raw: Any) -> Any:

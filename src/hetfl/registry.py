@@ -1,7 +1,16 @@
-"""Small name -> implementation registries (methods, codecs). YAML refers to entries by name."""
+"""Name -> implementation tables (methods, selection stages, codecs, datasets). YAML names entries.
+
+The registry is a leaf: it imports no implementation. Entries are added by whoever defines them
+(`@register_method` in a method file, `@register_selector` in a selection file) or by
+`hetfl.builtins`, which imports every shipped module and registers what ships. The entry points
+(`hetfl.cli`, `hetfl.runner`, `hetfl.sweep`, the Flower apps, tests/conftest.py) import
+`hetfl.builtins`; a library user who imports neither gets a `RuntimeError` saying so on the
+first lookup, never a misleading "unknown method".
+"""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
@@ -9,9 +18,16 @@ from hetfl.errors import ConfigError
 
 T = TypeVar("T")
 
+BUILTINS = "hetfl.builtins"  # the module whose import registers the shipped entries
+
 
 class Registry(Generic[T]):
-    """A named table of entries; `get` of an unknown name is a user error naming the key."""
+    """A named table of entries; `get` of an unknown name is a user error naming the key.
+
+    Reading a table (`get`, `names`, `in`) before `hetfl.builtins` is imported raises
+    RuntimeError: the table would hold only what happens to be imported, so an answer such as
+    "unknown method 'fedit'" would be wrong. Adding entries is allowed at any time.
+    """
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -24,34 +40,45 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str, key: str | None = None) -> T:
-        _load_builtins()
-        if name not in self._items:
+        """The entry `name`.
+
+        Raises:
+            ConfigError: no entry of that name (the message names `key`, e.g. "method.name").
+            RuntimeError: `hetfl.builtins` was never imported.
+        """
+        items = self._table()
+        if name not in items:
             where = f"{key}: " if key else ""
-            raise ConfigError(f"{where}unknown {self.kind} {name!r} (choose from: {', '.join(self.names())})")
-        return self._items[name]
+            raise ConfigError(f"{where}unknown {self.kind} {name!r} (choose from: {', '.join(sorted(items))})")
+        return items[name]
 
     def names(self) -> list[str]:
-        _load_builtins()
-        return sorted(self._items)
+        return sorted(self._table())
 
     def __contains__(self, name: str) -> bool:
-        _load_builtins()
-        return name in self._items
+        return name in self._table()
+
+    def _table(self) -> dict[str, T]:
+        if BUILTINS not in sys.modules:
+            raise RuntimeError(f"the {self.kind} table was read before the built-ins were registered: import "
+                               f"{BUILTINS} first (hetfl.runner and hetfl.sweep import it; so does the CLI)")
+        return self._items
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     config_cls: type
-    factory: Callable[..., Any]  # factory(config, scenario) -> Method
+    factory: Callable[..., Any]  # factory(config, section config) -> Method or selection stage
     summary: str
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
-CODECS: Registry[Callable[..., Any]] = Registry("codec")
 # selection.name -> MethodSpec-like entry whose factory builds a data-selection stage
 SELECTORS: Registry[MethodSpec] = Registry("selection stage")
-# data.name -> builder(cfg) -> hetfl.scenario.TaskData (model + task + training samples + labels)
+# codec name (comm.up / comm.down) -> factory() -> codec (see comm/codecs.py)
+CODECS: Registry[Callable[..., Any]] = Registry("codec")
+# data.name -> builder(cfg) -> hetfl.tasks.base.TaskData (model + task + training samples + labels)
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
 
 
@@ -71,18 +98,3 @@ def register_method(name: str, config_cls: type, summary: str = "") -> Callable[
 def register_selector(name: str, config_cls: type, summary: str = "") -> Callable[[T], T]:
     """Class decorator for data-selection stages; factory(cfg, selection_cfg)."""
     return _registrar(SELECTORS, name, config_cls, summary)
-
-
-_loaded = False
-
-
-def _load_builtins() -> None:
-    """Import the built-in method and codec modules once so that they register themselves."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import hetfl.comm.codecs  # noqa: F401
-    import hetfl.methods  # noqa: F401
-    import hetfl.selection  # noqa: F401
-    import hetfl.tasks  # noqa: F401

@@ -1,4 +1,8 @@
-"""Programmatic entry points: build a method, run one experiment into a run directory."""
+"""Programmatic entry points: build a method, run one experiment into a run directory.
+
+Importing this module registers the built-ins (hetfl.builtins), so a script that imports it can
+name any shipped method, codec or dataset in its config.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+import hetfl.builtins  # noqa: F401  (registers the shipped methods, codecs and datasets)
 from hetfl.config import Config
 from hetfl.registry import METHODS
 

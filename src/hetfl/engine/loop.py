@@ -198,7 +198,7 @@ def evaluate(scenario, method, state, client_states: dict[int, dict]) -> dict[st
         out = scenario.task.evaluate(method.eval_model(state), scenario.validation)
     else:
         out = scenario.task.evaluate(method.eval_model(state))
-    tests = getattr(scenario, "client_test", None)
+    tests = scenario.client_test
     if not tests or not any(tests):
         return out
     per: dict[str, list[float]] = {}

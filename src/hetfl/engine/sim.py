@@ -93,7 +93,7 @@ class SimulatedBackend:
             ctx.local_total, ctx.selection_flops = len(ctx.data), ctx.flops
             ctx.data = [ctx.data[i] for i in keep]
         check_coresets(rnd, {cid: len(ctxs[cid].data) for cid in cids}, self.scenario.cfg,
-                       getattr(self.selector, "empty_hint", ""))
+                       self.selector.empty_hint)
 
     def context(self, rnd: int, cid: int, knobs: dict, mem: int) -> ClientContext:
         server = None

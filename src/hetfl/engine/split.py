@@ -10,13 +10,9 @@ on the client's cost like any other traffic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
-from hetfl.engine.api import ClientContext, Message
+from hetfl.engine.api import ClientContext, Message, ServerCall
 from hetfl.engine.link import DOWN, UP, Link
-
-# handler(cid, kind, msg) -> reply; runs on the server, sees only what crossed the link
-ServerCall = Callable[[int, str, Message], Message]
 
 
 class LinkedServer:

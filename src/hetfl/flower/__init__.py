@@ -23,23 +23,22 @@ def require_flwr():
     return flwr
 
 
-def check_supported(cfg, method) -> None:
+def check_supported(cfg, method=None) -> None:
     """Refuse what plain Flower rounds (one message down, one reply up per client) cannot carry.
+
+    The rules are `hetfl.validation.backend_rules`, read from the config and the method's declared
+    capabilities (`calls_server`, `schedule`), so `hetfl validate --backend flower` and `hetfl run
+    --backend flower` refuse the same things before any model loads.
+
+    Args:
+        cfg: the run's config.
+        method: the run's method object; None: one is made from its factory (cheap, no scenario).
 
     Raises:
         ConfigError: naming the key, for split methods (per-batch server calls), lockstep methods,
             a data-selection stage, per-client evaluation, or sequential client orders.
     """
-    name = cfg.method.name
-    if method.calls_server:
-        raise ConfigError(f"method.name: {name} makes per-batch server calls (split learning), which plain Flower "
-                          "rounds cannot carry; run it with --backend sim")
-    if method.schedule != "parallel":
-        raise ConfigError(f"method.name: {name} needs clients to step together or in a fixed order within a round, "
-                          "which plain Flower rounds cannot carry; run it with --backend sim")
-    if cfg.selection.name != "none":
-        raise ConfigError(f"selection.name: {cfg.selection.name}: data selection (two extra exchanges per round) is "
-                          "not supported on Flower yet; run it with --backend sim or set selection.name=none")
-    if cfg.data.client_test_fraction > 0:
-        raise ConfigError("data.client_test_fraction: per-client evaluation reads each client's test split and "
-                          "private state, which stay on the SuperNodes; run it with --backend sim or set it to 0")
+    from hetfl.validation import backend_rules, build_method
+
+    for key, msg in backend_rules(cfg, build_method(cfg) if method is None else method, "flower"):
+        raise ConfigError(f"{key}: {msg}")

@@ -27,6 +27,7 @@ from flwr.app import Message as FlowerMessage
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+import hetfl.builtins  # noqa: F401  (Flower loads these apps by name: register what ships first)
 from hetfl.config import load_config
 from hetfl.errors import HetflError
 from hetfl.flower.wire import (

@@ -1,7 +1,8 @@
-"""Pieces shared by methods: local optimisation, server optimisers, memory estimates.
+"""Mechanics shared by the methods, as functions and one small component: local optimisation,
+memory estimates, the server optimiser, FedAvg over a named set of tensors, LoRA injection, and
+the byte counts of `Method.payload`.
 
-`ParamAveraging` is FedAvg over a named set of trainable tensors (deltas up, weighted mean,
-server optimiser). FedIT (LoRA) and full fine-tuning differ only in which tensors those are.
+A method calls these; none of them is a base class.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from typing import Iterable, Literal
 import torch
 
 from hetfl.config import Config, MethodConfig
-from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, Method, ServerState, iter_sorted
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, iter_sorted
+from hetfl.models.lora import inject_lora
+from hetfl.seeding import derive_seed
+
+FP32 = 4  # bytes per value of a tensor sent with the lossless fp32 codec
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,9 @@ class AvgConfig(MethodConfig):
             yield "beta1", "betas must be in [0, 1)"
         if self.tau <= 0:
             yield "tau", "must be > 0"
+
+
+# ----------------------------------------------------------------------------- local training
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
@@ -66,6 +74,16 @@ def local_train(ctx: ClientContext, params: list[torch.nn.Parameter], cfg: Confi
     return sum(losses) / len(losses)
 
 
+def copy_into(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    """Overwrite every named parameter with the tensor of the same name."""
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k])
+
+
+# ----------------------------------------------------------------------------- memory estimates
+
+
 def optimizer_state_factor(cfg: Config) -> int:
     """Extra fp32 tensors per trainable parameter kept by the local optimiser."""
     if cfg.train.optimizer == "adamw":
@@ -93,6 +111,9 @@ def estimate_memory(model: torch.nn.Module, trainable: int, cfg: Config) -> int:
     return estimate_training_memory(total - trainable, trainable, optimizer=opt, activation_bytes=act)
 
 
+# ----------------------------------------------------------------------------- the server optimiser
+
+
 class ServerOptimizer:
     """Applies the round's mean client delta to the global tensors: plain averaging or FedAdam.
 
@@ -116,69 +137,69 @@ class ServerOptimizer:
             g[name] = g[name] + self.c.server_lr * m / (v.sqrt() + self.c.tau)
 
 
-class ParamAveraging(Method):
-    """FedAvg over the tensors returned by `trainable(model)`; subclasses choose them.
+# ----------------------------------------------------------------------------- FedAvg over named tensors
 
-    Down: the current global tensors (kind "model"). Up: the client's deltas (kind "update").
-    Aggregate: example-weighted (or uniform) mean of deltas, then the server optimiser.
+
+def lora_and_head(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA factors plus any parameters the model asks to train densely, in parameter order.
+
+    A classifier lists its freshly initialised head in `head_param_names()`; the head trains in
+    full and is averaged with the adapter (as the FSLoRA and FedV papers do for GLUE heads).
     """
+    head = set(head_names(model))
+    return {k: p for k, p in model.named_parameters() if "lora_" in k or k in head}
 
-    supports_selection = True  # `load` puts the whole global model on the client: data selection can run
 
-    def __init__(self, cfg: Config, mcfg: AvgConfig):
-        self.cfg, self.mcfg = cfg, mcfg
-        self.server_opt = ServerOptimizer(mcfg)
+def head_names(model: torch.nn.Module) -> list[str]:
+    """The names of a classifier's dense head parameters; empty for language models."""
+    return list(getattr(model, "head_param_names", lambda: [])())
 
-    # -- subclass hooks -------------------------------------------------------------
-    def prepare(self, model: torch.nn.Module) -> None:
-        """Make the model's trainable part exist (e.g. inject LoRA)."""
 
-    def trainable(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        raise NotImplementedError
+def inject_run_lora(model: torch.nn.Module, cfg: Config) -> None:
+    """Inject the run's LoRA (`lora.*`) with the seeded init every LoRA method starts from."""
+    lc = cfg.lora
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "lora-init"))
+    inject_lora(model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, regex=lc.regex,
+                exclude=lc.exclude, dropout=lc.dropout, generator=g)
 
-    # -- contract -------------------------------------------------------------------
-    def setup(self, scenario) -> ServerState:
-        self.scenario = scenario
-        self.prepare(scenario.model)
-        return {"global": {k: p.detach().clone() for k, p in self.trainable(scenario.model).items()}}
 
-    def plan(self, cid: int, device) -> tuple[dict, int]:
-        n = sum(p.numel() for p in self.trainable(self.scenario.model).values())
-        return {}, estimate_memory(self.scenario.model, n, self.cfg)
+def train_delta(msg: Message, ctx: ClientContext, params: dict[str, torch.nn.Parameter], cfg: Config,
+                flop_tag: tuple) -> Message:
+    """FedAvg's client step: start `params` from the global tensors in `msg`, train them locally,
+    and return their deltas with the example count and mean loss."""
+    copy_into(params, msg.tensors)
+    loss = local_train(ctx, list(params.values()), cfg, flop_tag)
+    delta = {k: (p.detach() - msg.tensors[k]) for k, p in params.items()}
+    return Message(delta, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss}, kind="update")
 
-    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
-        return {cid: Message(dict(state["global"])) for cid in cids}
 
-    def load(self, msg: Message, ctx: ClientContext) -> None:
-        with torch.no_grad():
-            for k, p in self.trainable(ctx.model).items():
-                p.copy_(msg.tensors[k])
+def mean_delta(replies: dict[int, Message], weighting: str) -> dict[str, torch.Tensor]:
+    """The example-weighted (or uniform) mean of the replies' deltas, summed in client-id order."""
+    w = {cid: (m.meta[NUM_EXAMPLES] if weighting == "examples" else 1.0) for cid, m in replies.items()}
+    total = float(sum(w.values()))
+    mean: dict[str, torch.Tensor] = {}
+    for cid, m in iter_sorted(replies):
+        for k, d in m.tensors.items():
+            mean[k] = mean[k] + d * (w[cid] / total) if k in mean else d * (w[cid] / total)
+    return mean
 
-    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
-        self.load(msg, ctx)
-        params = self.trainable(ctx.model)
-        loss = local_train(ctx, list(params.values()), self.cfg, self.flop_tag(ctx))
-        delta = {k: (p.detach() - msg.tensors[k]) for k, p in params.items()}
-        return Message(delta, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss})
 
-    def flop_tag(self, ctx: ClientContext) -> tuple:
-        return (type(self).__name__,)
+# ----------------------------------------------------------------------------- payload bytes
 
-    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
-        if not replies:  # every sampled client skipped (e.g. empty coresets)
-            return state
-        w = {cid: (m.meta[NUM_EXAMPLES] if self.mcfg.weighting == "examples" else 1.0) for cid, m in replies.items()}
-        total = float(sum(w.values()))
-        mean: dict[str, torch.Tensor] = {}
-        for cid, m in iter_sorted(replies):
-            for k, d in m.tensors.items():
-                mean[k] = mean[k] + d * (w[cid] / total) if k in mean else d * (w[cid] / total)
-        self.server_opt.step(state, "global", mean)
-        return state
 
-    def eval_model(self, state: ServerState) -> torch.nn.Module:
-        model = self.scenario.model
-        with torch.no_grad():
-            for k, p in self.trainable(model).items():
-                p.copy_(state["global"][k])
-        return model
+def fp32_nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of these (floating) tensors with the fp32 codec: 4 per value, whatever their dtype."""
+    return sum(FP32 * t.numel() for t in tensors)
+
+
+def reply_meta_nbytes(num_examples: int, **extra) -> int:
+    """Bytes of a client reply's metadata: the JSON of {num_examples, train_loss, **extra}.
+
+    The loss's JSON length depends on its digits, which are unknown before training: it is counted
+    as an 18-character float (e.g. 0.6302052140235901), so the figure is exact to within the few
+    characters by which the real loss's repr differs.
+    """
+    return Message(meta={NUM_EXAMPLES: num_examples, TRAIN_LOSS: TYPICAL_LOSS, **extra}).meta_nbytes()
+
+
+TYPICAL_LOSS = 0.6302052140235901  # a float whose repr has 18 characters, like most losses

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hetfl.engine.api import ClientContext, Message, ServerState
-from hetfl.methods.common import AvgConfig, ParamAveraging, estimate_memory, make_optimizer
+from hetfl.engine.api import ClientContext, Message, Method, ServerState
+from hetfl.methods.common import (FP32, AvgConfig, ServerOptimizer, copy_into, estimate_memory, fp32_nbytes,
+                                  make_optimizer, mean_delta, reply_meta_nbytes, train_delta)
 from hetfl.registry import register_method
 
 
@@ -32,27 +33,56 @@ class DittoConfig(AvgConfig):
             yield "personal_steps", "must be >= 0"
 
 
-@register_method("ditto", DittoConfig, "Ditto: FedAvg global model + proximal personal models")
-class Ditto(ParamAveraging):
-    def prepare(self, model: torch.nn.Module) -> None:
-        for p in model.parameters():
-            p.requires_grad_(True)
+def all_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return dict(model.named_parameters())
 
-    def trainable(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        return dict(model.named_parameters())
+
+@register_method("ditto", DittoConfig, "Ditto: FedAvg global model + proximal personal models")
+class Ditto(Method):
+    supports_selection = True  # `load` puts the whole global model on the client: data selection can run
+
+    def __init__(self, cfg, mcfg: DittoConfig):
+        self.cfg, self.mcfg = cfg, mcfg
+        self.server_opt = ServerOptimizer(mcfg)
+
+    # -- server: FedAvg of the global model ---------------------------------------------
+    def setup(self, scenario) -> ServerState:
+        self.scenario = scenario
+        for p in scenario.model.parameters():
+            p.requires_grad_(True)
+        return {"global": {k: p.detach().clone() for k, p in all_weights(scenario.model).items()}}
 
     def plan(self, cid: int, device) -> tuple[dict, int]:
         n = sum(p.numel() for p in self.scenario.model.parameters())
-        return {}, estimate_memory(self.scenario.model, n, self.cfg) + 4 * n  # + the kept global copy w
+        return {}, estimate_memory(self.scenario.model, n, self.cfg) + FP32 * n  # + the kept global copy w
+
+    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
+        return {cid: Message(dict(state["global"]), kind="model") for cid in cids}
+
+    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        if replies:  # else every sampled client skipped (e.g. empty coresets)
+            self.server_opt.step(state, "global", mean_delta(replies, self.mcfg.weighting))
+        return state
+
+    def eval_model(self, state: ServerState) -> torch.nn.Module:
+        copy_into(all_weights(self.scenario.model), state["global"])
+        return self.scenario.model
+
+    def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
+        """Every weight in fp32 each way (the personal model stays home), plus the reply's metadata."""
+        n = fp32_nbytes(all_weights(self.scenario.model).values())
+        return n, (n + reply_meta_nbytes(num_examples) if num_examples else 0)
+
+    # -- client: the global model's local steps, then the personal model's ----------------
+    def load(self, msg: Message, ctx: ClientContext) -> None:
+        copy_into(all_weights(ctx.model), msg.tensors)
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
-        reply = super().client_update(msg, ctx)  # the global model's local steps -> delta up
+        reply = train_delta(msg, ctx, all_weights(ctx.model), self.cfg, ("Ditto",))  # the delta goes up
         w = msg.tensors
         personal = ctx.state.get("personal") or {k: t.clone() for k, t in w.items()}
-        params = self.trainable(ctx.model)
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(personal[k])
+        params = all_weights(ctx.model)
+        copy_into(params, personal)
         opt = make_optimizer(list(params.values()), self.cfg)
         t, lam = self.cfg.train, self.mcfg.lam
         steps = self.mcfg.personal_steps or t.steps_for(len(ctx.data))
@@ -72,8 +102,5 @@ class Ditto(ParamAveraging):
     def client_eval_model(self, state: ServerState, cid: int, client_state: dict) -> torch.nn.Module:
         if "personal" not in client_state:  # never sampled: the global model
             return self.eval_model(state)
-        model = self.scenario.model
-        with torch.no_grad():
-            for k, p in self.trainable(model).items():
-                p.copy_(client_state["personal"][k])
-        return model
+        copy_into(all_weights(self.scenario.model), client_state["personal"])
+        return self.scenario.model

@@ -1,6 +1,10 @@
 """FedIT: FedAvg over a homogeneous-rank LoRA adapter (Zhang et al., "Towards Building the
 Federated GPT: Federated Instruction Tuning", 2024). The base model stays frozen; only the
-LoRA factors travel and are averaged."""
+LoRA factors (and a classifier's dense head) travel and are averaged.
+
+Down: the global factors (kind "model"). Up: the client's deltas (kind "update"). Server: the
+example-weighted (or uniform) mean of the deltas, then plain averaging or FedAdam.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hetfl.seeding import derive_seed
-from hetfl.methods.common import AvgConfig, ParamAveraging
+from hetfl.engine.api import ClientContext, Message, Method, ServerState
+from hetfl.methods.common import (AvgConfig, ServerOptimizer, copy_into, estimate_memory, fp32_nbytes,
+                                  inject_run_lora, lora_and_head, mean_delta, reply_meta_nbytes, train_delta)
 from hetfl.registry import register_method
-
-
-def lora_and_dense(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The LoRA factors plus any parameters the model asks to train densely.
-
-    A classifier lists its freshly initialised head in `head_param_names()`; the head trains in
-    full and is averaged with the adapter (as the FSLoRA and FedV papers do for GLUE heads).
-    """
-    head = set(getattr(model, "head_param_names", lambda: [])())
-    return {k: p for k, p in model.named_parameters() if "lora_" in k or k in head}
 
 
 @dataclass(frozen=True)
@@ -29,25 +24,54 @@ class FedITConfig(AvgConfig):
 
 
 @register_method("fedit", FedITConfig, "FedAvg over a homogeneous LoRA adapter (FedIT)")
-class FedIT(ParamAveraging):
-    def prepare(self, model: torch.nn.Module) -> None:
-        from hetfl.models.lora import inject_lora
+class FedIT(Method):
+    supports_selection = True  # `load` puts the whole global model on the client: data selection can run
 
-        lc = self.cfg.lora
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "lora-init"))
-        inject_lora(model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, regex=lc.regex,
-                    exclude=lc.exclude, dropout=lc.dropout, generator=g)
-        for p in self.trainable(model).values():
-            p.requires_grad_(True)
+    def __init__(self, cfg, mcfg: FedITConfig):
+        self.cfg, self.mcfg = cfg, mcfg
+        self.server_opt = ServerOptimizer(mcfg)
 
     def trainable(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        return lora_and_dense(model)
+        """The LoRA factors plus a classifier's dense head: what trains and travels."""
+        return lora_and_head(model)
 
-    def plan(self, cid, device):
-        knobs, mem = super().plan(cid, device)
-        return {"rank": self.cfg.lora.rank, **knobs}, mem
+    # -- server -------------------------------------------------------------------------
+    def setup(self, scenario) -> ServerState:
+        self.scenario = scenario
+        inject_run_lora(scenario.model, self.cfg)
+        for p in self.trainable(scenario.model).values():
+            p.requires_grad_(True)
+        return {"global": {k: p.detach().clone() for k, p in self.trainable(scenario.model).items()}}
 
-    def export(self, state, out_dir) -> None:
+    def plan(self, cid: int, device) -> tuple[dict, int]:
+        n = sum(p.numel() for p in self.trainable(self.scenario.model).values())
+        return {"rank": self.cfg.lora.rank}, estimate_memory(self.scenario.model, n, self.cfg)
+
+    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
+        return {cid: Message(dict(state["global"]), kind="model") for cid in cids}
+
+    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        if replies:  # else every sampled client skipped (e.g. empty coresets)
+            self.server_opt.step(state, "global", mean_delta(replies, self.mcfg.weighting))
+        return state
+
+    def eval_model(self, state: ServerState) -> torch.nn.Module:
+        copy_into(self.trainable(self.scenario.model), state["global"])
+        return self.scenario.model
+
+    def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
+        """The fp32 adapter (and head) each way, plus the reply's metadata."""
+        n = fp32_nbytes(self.trainable(self.scenario.model).values())
+        return n, (n + reply_meta_nbytes(num_examples) if num_examples else 0)
+
+    # -- client -------------------------------------------------------------------------
+    def load(self, msg: Message, ctx: ClientContext) -> None:
+        copy_into(self.trainable(ctx.model), msg.tensors)
+
+    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
+        return train_delta(msg, ctx, self.trainable(ctx.model), self.cfg, ("FedIT",))
+
+    def export(self, state: ServerState, out_dir) -> None:
         """Write the final adapter to OUT/adapter in PEFT's format."""
         from hetfl.models.lora import save_peft_adapter
 

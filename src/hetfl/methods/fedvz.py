@@ -13,7 +13,9 @@ The tail trains on the exact gradient of the clean copy's loss (local, no server
     g_hat_b = (1/B) * mean_j [(l_b(z + eps u_j) - l_b(z - eps u_j)) / (2 eps)] * u_j   (central)
 
 (1/B: the training loss is the batch mean.) u_j is Gaussian or uniform on the sphere of
-radius sqrt(d) per sample (d = elements per sample), so E[u u^T] = I either way.
+radius sqrt(d) per sample (d = elements per sample), so E[u u^T] = I either way. All fp32, with
+int32 lengths beside each text copy; per round the client part (head and tail) goes down as
+values and comes up as deltas.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from typing import Literal
 
 import torch
 
-from hetfl.engine.api import ClientContext, Message
-from hetfl.methods.split_common import SplitConfig, SplitMethod, per_sample_ce
+from hetfl.config import Config
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, Method, RoundReport, ServerState
+from hetfl.methods.split_common import (FP32, CutPoints, SplitConfig, SplitExchange, load_part, local_steps,
+                                        per_sample_ce, run_to_end, step_sizes, trainable)
 from hetfl.models.split import body_forward, head_forward
 from hetfl.registry import register_method
 
@@ -88,19 +92,49 @@ def zo_gradient(losses: torch.Tensor, u: torch.Tensor, eps: float, difference: s
 
 
 @register_method("fedvz", FedVZConfig, "FedVZ: forward-only server body, zeroth-order gradient at the cut")
-class FedVZ(SplitMethod):
-    def server_trains(self) -> bool:
-        return False  # a black-box forward: no dropout noise in the loss differences
+class FedVZ(Method):
+    calls_server = True
+
+    def __init__(self, cfg: Config, mcfg: FedVZConfig):
+        self.cfg, self.mcfg = cfg, mcfg
+        self.split = SplitExchange(cfg, mcfg.name, tail_on_client=True)
+        self.reps = 1 + mcfg.q * (2 if mcfg.difference == "central" else 1)  # copies of each sample per step
+
+    def setup(self, scenario) -> ServerState:
+        state = self.split.setup(scenario)
+        self.cuts = CutPoints(self.mcfg, self.split.layout.num_blocks, self.split.client_memory)
+        return state
+
+    def plan(self, cid: int, device) -> tuple[dict, int]:
+        cut = self.cuts.plan(cid, device)
+        extra = (self.reps - 1) * self.cfg.train.batch_size * self.split.cut_elems[cut] * 4 * 2  # stacks out and back
+        return {"cut": cut}, self.split.client_memory(cut) + extra
+
+    # -- server: a black-box forward ----------------------------------------------------------
+    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
+        self.split.begin_round(state, cids, train=False)  # no dropout noise in the loss differences
+        return self.split.model_messages(state, cids, self.cuts)
+
+    def server_call(self, rnd: int):
+        return self.split.handler(self.serve)
 
     def serve(self, cid: int, kind: str, msg: Message) -> Message:
         if kind != "activations":
             raise ValueError(f"fedvz server: only forward passes are served, got {kind!r}")
-        cut = self.cuts[cid]
-        z, mask = self.received(msg)
+        cut, model = self.cuts.of(cid), self.split.server_model
+        z, mask = self.split.received(msg)
         with torch.no_grad():  # no autograd graph on the server, ever
-            u = self.meter.compute(("fedvz-fwd", cut, tuple(z.shape)),
-                                   lambda: body_forward(self.server_model, z, mask, cut))
+            u = self.split.meter.compute(("fedvz-fwd", cut, tuple(z.shape)), lambda: body_forward(model, z, mask, cut))
         return Message({"u": u}, kind="outputs")
+
+    # -- client: zeroth-order gradient at the cut ----------------------------------------------
+    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
+        load_part(ctx.model, msg.tensors)
+        cut = self.cuts.on_client(msg, ctx)
+        params = trainable(ctx.model, self.split.client_names(cut))
+        loss = run_to_end(local_steps(ctx, self.cfg, params, lambda k, batch: self.client_step(ctx, cut, k, batch)))
+        up = {n: p.detach() - msg.tensors[n] for n, p in params.items()}
+        return Message(up, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss})
 
     def client_step(self, ctx: ClientContext, cut: int, k: int, batch: dict) -> float:
         m, model, key = self.mcfg, ctx.model, ctx.task.flop_key(batch)
@@ -114,7 +148,7 @@ class FedVZ(SplitMethod):
         stack = perturb(hd, u, eps, m.difference)
         reps = stack.shape[0] // b
         lengths_mask = None if mask is None else mask.repeat(reps, 1)
-        out = ctx.server.call("activations", self.send_activations(stack, lengths_mask)).tensors["u"]
+        out = ctx.server.call("activations", self.split.send_activations(stack, lengths_mask)).tensors["u"]
         clean = out[:b].detach().requires_grad_(True)
 
         def tail_step():
@@ -130,8 +164,25 @@ class FedVZ(SplitMethod):
         ctx.compute(("fedvz-head-bwd", cut, key), lambda: h.backward(g))
         return float(losses[:b].mean())
 
-    def plan(self, cid: int, device) -> tuple[dict, int]:
-        knobs, mem = super().plan(cid, device)
-        reps = 1 + self.mcfg.q * (2 if self.mcfg.difference == "central" else 1)
-        extra = (reps - 1) * self.cfg.train.batch_size * self.cut_elems[knobs["cut"]] * 4 * 2  # stacks out and back
-        return knobs, mem + extra
+    # -- aggregation: FedAvg of the client parts; the frozen body never changes -------------------
+    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        if not replies:
+            return state
+        return self.split.aggregate(state, replies, self.mcfg.weighting, lambda cid, n: None)
+
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
+        return self.split.report(self.cuts)
+
+    def eval_model(self, state: ServerState) -> torch.nn.Module:
+        return self.split.eval_model(state)
+
+    def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
+        """The client part down, its deltas up; per step `reps` stacked copies of the activations
+        up and of the body's outputs down (module docstring)."""
+        cut = self.cuts.of(cid)
+        names = self.split.client_names(cut)
+        down, up = self.split.model_bytes(self.cuts, cid), self.split.update_bytes(cid, names, num_examples)
+        for b in step_sizes(self.cfg, num_examples):
+            down += self.reps * FP32 * self.split.cut_elems[cut] * b
+            up += self.split.act_bytes(cut, self.reps * b)
+        return down, up

@@ -3,62 +3,31 @@ of Adaptors", CPAL 2025; spec: shared/spec/floral.md): a shared base model plus 
 adaptors per layer (models/floral.py); each client keeps only K mixture logits.
 
 Round (spec section 2): down go the base and the K adaptors (plus, for stateless clients in the
-`server` option, the client's last logits); the client trains base, adaptors and logits jointly
-(separate learning rates; adaptor gradients optionally preconditioned); up go the deltas and the
-logits. The server averages the base with p(i) = n_i / sum n and adaptor c's factors with
-p(i|c) = p(i) pi_ic / sum_j p(j) pi_jc (pi = plain softmax of the logits), then applies the server
-optimiser to that mean delta. `MixtureMethod` is the part shared with the Ensemble baseline
-(methods/ensemble.py) and Local Adaptor (methods/local_adaptor.py).
-
-Where the mixture logits live (`state`, `stateless_logits`):
-- stateful: in the client's private state between rounds (K floats);
-- stateless + server: the server keeps each client's last logits and returns them with the model;
-- stateless + uniform: nobody keeps them; the client restarts from w = 0 and re-learns them.
-`router: oracle` fixes w one-hot at the client's true cluster (-100 elsewhere) and never trains it.
+`server` option, the client's last logits; methods/mixture.py says where the logits live); the
+client trains base, adaptors and logits jointly (separate learning rates; adaptor gradients
+optionally preconditioned); up go the deltas and the logits. The server averages the base with
+p(i) = n_i / sum n and adaptor c's factors with p(i|c) = p(i) pi_ic / sum_j p(j) pi_jc (pi = plain
+softmax of the logits), then applies the server optimiser to that mean delta. A client evaluates
+with its mixture merged into the base weights (no adaptor cost at inference).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from hetfl.engine.api import (NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, Method, RoundReport, ServerState,
-                             iter_sorted)
-from hetfl.seeding import derive_seed
-from hetfl.errors import ConfigError
-from hetfl.methods.common import AvgConfig, ServerOptimizer, estimate_memory, make_optimizer
-from hetfl.models.floral import ORACLE_OFF, attach_floral, merge_into
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, Method, RoundReport, ServerState
+from hetfl.methods.common import FP32, ServerOptimizer, estimate_memory, fp32_nbytes, reply_meta_nbytes
+from hetfl.methods.mixture import (LOGITS, STACKED, Router, RouterConfig, mixture_average, mixture_weights,
+                                   num_components, train_mixture)
+from hetfl.models.floral import Floral, attach_floral, merge_into
 from hetfl.registry import register_method
+from hetfl.seeding import derive_seed
 
-LOGITS = "router.logits"  # wire name of a client's mixture logits
-STACKED = "stacked"  # slot of a tensor holding all K adaptors on dim 0
-
-
-@dataclass(frozen=True)
-class RouterConfig(AvgConfig):
-    """Options of every method with a private mixture over K shared components."""
-
-    num_adaptors: int = 0  # K; 0: data.clusters (the true number of clusters)
-    router: Literal["learned", "oracle"] = "learned"
-    router_lr: float = 0.1  # SGD lr of the logits (spec: 0.1; 0.3 on the 5%-data tasks)
-    state: Literal["stateful", "stateless"] = "stateful"
-    stateless_logits: Literal["server", "uniform"] = "server"  # stateless: who restores the logits
-    noise: float = 1.0  # sigma of the uniform noise on the logits in training
-    temperature: float = 1.0
-    entropy_weight: float = 0.0  # lambda of + lambda * H(pi) in the loss (spec default 0)
-
-    def check(self):
-        yield from super().check()
-        if self.num_adaptors < 0:
-            yield "num_adaptors", "must be >= 0 (0: data.clusters)"
-        if self.router_lr < 0:
-            yield "router_lr", "must be >= 0"
-        if self.noise < 0:
-            yield "noise", "must be >= 0"
-        if self.temperature <= 0:
-            yield "temperature", "must be > 0"
+ADAPTORS = "floral.adaptors."  # name prefix of every adaptor factor and bias
+MIXTURE = "floral.mixture."  # name prefix of the mixture logits
 
 
 @dataclass(frozen=True)
@@ -84,104 +53,71 @@ class FloralConfig(RouterConfig):
             yield "eps", "must be > 0"
 
 
-def mixture_weights(replies: dict[int, Message], weighting: str, k: int) -> tuple[dict[int, float], dict[int, torch.Tensor]]:
-    """p(i) and p(i|c) (K,) for the replying clients (float64; spec section 2, step 5).
+def build_floral(model: torch.nn.Module, k: int, mcfg: FloralConfig, seed: int) -> tuple[torch.nn.Module, Floral]:
+    """Attach K seeded adaptors per layer to `model` in place and make everything trainable.
 
-    A reply without logits (Local Adaptor, K = 1) counts as a uniform mixture.
+    Returns:
+        (a hook-free copy of the base model, in which clients evaluate their merged weights;
+        the attached `Floral` container, ``model.floral``).
     """
-    n = {cid: float(m.meta[NUM_EXAMPLES]) if weighting == "examples" else 1.0 for cid, m in replies.items()}
-    total = sum(n.values())
-    p = {cid: v / total for cid, v in n.items()}
-    joint = {cid: p[cid] * (torch.softmax(m.tensors[LOGITS].double(), 0) if LOGITS in m.tensors
-                            else torch.full((k,), 1.0 / k, dtype=torch.float64)) for cid, m in replies.items()}
-    p_c = sum(joint[cid] for cid in sorted(joint))  # (K,)
-    return p, {cid: j / p_c for cid, j in joint.items()}
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(derive_seed(seed, "floral-init"))
+    floral = attach_floral(model, k, mcfg.rho, bias=mcfg.adaptive_bias, conv=mcfg.conv, noise=mcfg.noise,
+                           temperature=mcfg.temperature, floor=mcfg.floor, generator=g)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return plain, floral
 
 
-def mixture_average(replies: dict[int, Message], p: dict[int, float], p_given_c: dict[int, torch.Tensor],
-                    slot) -> dict[str, torch.Tensor]:
-    """Mean delta per tensor: base tensors by p(i), component c's tensors by p(i|c).
-
-    `slot(name)` is None for a base tensor, an int c for a tensor of component c, or `STACKED`
-    for a tensor holding all K components on dim 0 (each averaged factor-wise with its own weights).
-    """
-    mean: dict[str, torch.Tensor] = {}
-    for cid, m in iter_sorted(replies):
-        for name, d in m.tensors.items():
-            if name == LOGITS:
-                continue
-            s = slot(name)
-            if s is None:
-                w = p[cid]
-            elif s == STACKED:
-                w = p_given_c[cid].to(d.dtype).view(-1, *([1] * (d.dim() - 1)))  # (K, 1, ...)
-            else:
-                w = float(p_given_c[cid][s])
-            mean[name] = mean[name] + w * d if name in mean else w * d
-    return mean
+def shared_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """What the server holds and averages: everything but the private logits."""
+    return {n: p for n, p in model.named_parameters() if not n.startswith(MIXTURE)}
 
 
-class MixtureMethod(Method):
-    """A private mixture over K shared components; subclasses say what the components are."""
+def adaptor_groups(model: torch.nn.Module, mcfg: FloralConfig, cfg) -> list[dict]:
+    """Parameter groups: the base model at train.lr, the adaptors at `adaptor_lr` (0: train.lr)."""
+    named = dict(model.named_parameters())
+    base = [p for n, p in named.items() if not n.startswith("floral.")]
+    adaptors = [p for n, p in named.items() if n.startswith(ADAPTORS) and p.requires_grad]
+    return [{"params": base}] + ([{"params": adaptors, "lr": mcfg.adaptor_lr or cfg.train.lr}] if adaptors else [])
 
-    supports_selection = True  # `load` puts the client's whole model (shared + private) in place
 
-    def __init__(self, cfg, mcfg: RouterConfig):
+def slot(name: str) -> str | None:
+    """How `mixture_average` weights a tensor: the K stacked adaptors factor-wise by p(i|c), the
+    base by p(i)."""
+    return STACKED if name.startswith(ADAPTORS) else None
+
+
+def preconditioner(floral: Floral, mcfg: FloralConfig):
+    """The gradient hook that preconditions every adaptor (scaled GD), or None when disabled."""
+    if not mcfg.precondition:
+        return None
+
+    def step() -> None:
+        for ad in floral.adaptors.values():
+            ad.precondition(mcfg.eps)
+
+    return step
+
+
+@register_method("floral", FloralConfig, "FLoRAL: shared base + K shared low-rank adaptors, private mixture")
+class FloralMethod(Method):
+    supports_selection = True  # `load` puts the client's whole model (base, adaptors, logits) in place
+
+    def __init__(self, cfg, mcfg: FloralConfig):
         self.cfg, self.mcfg = cfg, mcfg
         self.server_opt = ServerOptimizer(mcfg)
 
-    # -- subclass hooks -------------------------------------------------------------
-    def build(self, model: torch.nn.Module) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def shared(self, model) -> dict[str, torch.nn.Parameter]:
-        raise NotImplementedError
-
-    def slot(self, name: str):
-        return None
-
-    def private(self, model) -> dict[str, torch.nn.Parameter]:
-        return {}
-
-    def param_groups(self, model) -> list[dict]:
-        return [{"params": list(self.shared(model).values())}]
-
-    def before_step(self, model) -> None:
-        """Adjust gradients between backward and the optimiser step (preconditioning)."""
-
-    def mixture_of(self, model):
-        """The model's `Mixture` (the private logits)."""
-        return model.mixture
-
-    def personal(self, logits: torch.Tensor) -> torch.nn.Module:
-        """The model a client evaluates with, given the global tensors already loaded."""
-        self.mixture_of(self.model).logits.data.copy_(logits)
-        return self.model
-
-    def extra_params(self) -> int:
-        raise NotImplementedError
-
-    # -- contract -------------------------------------------------------------------
+    # -- server state: the base and the K adaptors of every layer ------------------------------
     def setup(self, scenario) -> ServerState:
         self.scenario = scenario
-        self.k = self.mcfg.num_adaptors or scenario.cfg.data.clusters
-        if self.k < 1:
-            raise ConfigError("method.num_adaptors: set it >= 1 (or data.clusters, which it defaults to)")
-        if self.mcfg.router == "oracle" and not scenario.client_clusters:
-            raise ConfigError("method.router: 'oracle' needs the true clusters (data.clusters >= 1)")
+        self.k = num_components(self.mcfg, scenario)
         self.base_params = sum(p.numel() for p in scenario.model.parameters())
-        self.model = scenario.model = self.build(scenario.model)
-        self.learn_router = self.mcfg.router == "learned" and self.mcfg.router_lr > 0 and self.k > 1
-        self.mixture_of(self.model).logits.requires_grad_(self.learn_router)
-        self.init_private = {k: p.detach().clone() for k, p in self.private(self.model).items()}
-        state: ServerState = {"global": {k: p.detach().clone() for k, p in self.shared(self.model).items()}}
-        if self.keeps_logits_on_server:
-            state["logits"] = {}
-        return state
-
-    @property
-    def keeps_logits_on_server(self) -> bool:
-        return self.mcfg.state == "stateless" and self.mcfg.stateless_logits == "server"
+        self.model = scenario.model
+        self.plain, self.floral = build_floral(self.model, self.k, self.mcfg, self.cfg.seed)
+        self.router = Router(self.mcfg, self.k)
+        self.floral.mixture.logits.requires_grad_(self.router.learned)
+        return self.router.init_state({"global": {n: p.detach().clone() for n, p in shared_params(self.model).items()}})
 
     def plan(self, cid: int, device) -> tuple[dict, int]:
         clusters = self.scenario.client_clusters
@@ -190,145 +126,60 @@ class MixtureMethod(Method):
         return knobs, estimate_memory(self.model, n, self.cfg)
 
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
-        out = {}
-        for cid in cids:
-            tensors = dict(state["global"])
-            if self.keeps_logits_on_server:  # never-seen clients get the uniform w = 0
-                tensors[LOGITS] = state["logits"].get(cid, torch.zeros(self.k))
-            out[cid] = Message(tensors)
-        return out
+        return {cid: Message({**state["global"], **self.router.down(state, cid)}) for cid in cids}
 
-    def held_logits(self, cluster: int | None, client_state: dict, server_logits: torch.Tensor | None) -> torch.Tensor:
-        """The logits a client holds at the start of a round (and evaluates with)."""
-        if self.mcfg.router == "oracle":
-            w = torch.full((self.k,), ORACLE_OFF)
-            w[(cluster or 0) % self.k] = 0.0
-            return w
-        if self.mcfg.state == "stateful":
-            return client_state.get("logits", torch.zeros(self.k)).clone()
-        if server_logits is not None:
-            return server_logits.clone()
-        return torch.zeros(self.k)  # stateless, uniform restart
-
+    # -- client step -------------------------------------------------------------------------
     def load(self, msg: Message, ctx: ClientContext) -> None:
         with torch.no_grad():
-            for k, p in self.shared(ctx.model).items():
-                p.copy_(msg.tensors[k])
-            for k, p in self.private(ctx.model).items():
-                p.copy_(ctx.state.get("private", self.init_private)[k])
-            w = self.held_logits(ctx.knobs.get("cluster"), ctx.state, msg.tensors.get(LOGITS))
-            self.mixture_of(ctx.model).logits.copy_(w)
+            for n, p in shared_params(ctx.model).items():
+                p.copy_(msg.tensors[n])
+            ctx.model.floral.mixture.logits.copy_(self.router.held(ctx.knobs.get("cluster"), ctx.state,
+                                                                   msg.tensors.get(LOGITS)))
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
         self.load(msg, ctx)
-        model, t, mixture = ctx.model, self.cfg.train, self.mixture_of(ctx.model)
-        groups = self.param_groups(model)
-        if self.learn_router:
-            groups.append({"params": [mixture.logits], "lr": self.mcfg.router_lr})
-        model.train()
-        opt = make_optimizer(groups, self.cfg)
-        tag, losses = (type(self).__name__, self.k), []
-        for batch in ctx.task.batches(ctx.data, t.steps_for(len(ctx.data)), t.batch_size, ctx.generator("batches")):
-            def step():
-                loss = ctx.task.loss(model, batch)
-                if self.mcfg.entropy_weight > 0:
-                    pi = torch.softmax(mixture.logits / self.mcfg.temperature, 0)
-                    loss = loss - self.mcfg.entropy_weight * (pi * pi.clamp_min(1e-12).log()).sum()
-                loss.backward()
-                return loss
+        floral = ctx.model.floral
+        logits = floral.mixture.logits
+        groups = adaptor_groups(ctx.model, self.mcfg, self.cfg) + self.router.group(logits)
+        loss = train_mixture(ctx, groups, self.cfg, (type(self).__name__, self.k),
+                             penalty=self.router.penalty(logits), before_step=preconditioner(floral, self.mcfg))
+        tensors = {n: p.detach() - msg.tensors[n] for n, p in shared_params(ctx.model).items()}
+        tensors.update(self.router.finish(ctx.state, logits))
+        return Message(tensors, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss})
 
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(ctx.compute(tag + ctx.task.flop_key(batch), step).detach()))
-            self.before_step(model)
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        tensors = {k: p.detach() - msg.tensors[k] for k, p in self.shared(model).items()}
-        if self.k > 1:  # the server needs pi_i to weight the components
-            tensors[LOGITS] = mixture.logits.detach().clone()
-        if self.mcfg.state == "stateful" and self.mcfg.router == "learned":
-            ctx.state["logits"] = mixture.logits.detach().clone()
-        if self.init_private:
-            ctx.state["private"] = {k: p.detach().clone() for k, p in self.private(model).items()}
-        return Message(tensors, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: sum(losses) / len(losses)})
-
+    # -- aggregation -------------------------------------------------------------------------
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         if not replies:
             return state
         p, p_given_c = mixture_weights(replies, self.mcfg.weighting, self.k)
-        self.server_opt.step(state, "global", mixture_average(replies, p, p_given_c, self.slot))
-        pis = [torch.softmax(m.tensors[LOGITS], 0) for _, m in iter_sorted(replies) if LOGITS in m.tensors]
-        state["pi_max_mean"] = float(torch.stack(pis).max(1).values.mean()) if pis else 1.0
-        if self.keeps_logits_on_server:
-            for cid, m in replies.items():
-                state["logits"][cid] = m.tensors[LOGITS].clone()
+        self.server_opt.step(state, "global", mixture_average(replies, p, p_given_c, slot))
+        self.router.absorb(state, replies)
         return state
 
-    def _load_global(self, state: ServerState, private: dict | None) -> None:
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
+        extra = self.floral.adaptor_params()
+        return RoundReport(stats={"adaptor_params": extra, "param_overhead_pct": 100.0 * extra / self.base_params,
+                                  "pi_max_mean": state.get("pi_max_mean", 1.0)})
+
+    def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
+        """Down: base + K adaptors (+ K logits from the server); up: their deltas + K logits."""
+        logits_down, logits_up = self.router.payload_floats()
+        tensors = fp32_nbytes(state["global"].values())
+        return tensors + FP32 * logits_down, tensors + FP32 * logits_up + reply_meta_nbytes(num_examples)
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _personal(self, state: ServerState, logits: torch.Tensor) -> torch.nn.Module:
         with torch.no_grad():
-            for k, p in self.shared(self.model).items():
-                p.copy_(state["global"][k])
-            for k, p in self.private(self.model).items():
-                p.copy_((private or self.init_private)[k])
+            for n, p in shared_params(self.model).items():
+                p.copy_(state["global"][n])
+        return merge_into(self.plain, self.model, logits)
 
     def eval_model(self, state: ServerState) -> torch.nn.Module:
         """A newcomer's model: uniform mixture (oracle: cluster 0, the server test set's view)."""
-        self._load_global(state, None)
-        return self.personal(self.held_logits(0, {}, None))
+        return self._personal(state, self.router.held(0, {}, None))
 
     def client_eval_model(self, state: ServerState, cid: int, client_state: dict) -> torch.nn.Module:
         """What client `cid` holds: its own logits (kept by itself or the server, or uniform)."""
         clusters = self.scenario.client_clusters
-        self._load_global(state, client_state.get("private"))
         server = state.get("logits", {}).get(cid)
-        return self.personal(self.held_logits(clusters[cid] if clusters else None, client_state, server))
-
-    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
-        extra = self.extra_params()
-        return RoundReport(stats={"adaptor_params": extra, "param_overhead_pct": 100.0 * extra / self.base_params,
-                                  "pi_max_mean": state.get("pi_max_mean", 1.0)})
-
-
-@register_method("floral", FloralConfig, "FLoRAL: shared base + K shared low-rank adaptors, private mixture")
-class FloralMethod(MixtureMethod):
-    def build(self, model: torch.nn.Module) -> torch.nn.Module:
-        import copy
-
-        m = self.mcfg
-        self.plain = copy.deepcopy(model)  # hook-free copy: clients evaluate their merged weights in it
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "floral-init"))
-        self.floral = attach_floral(model, self.k, m.rho, bias=m.adaptive_bias, conv=m.conv, noise=m.noise,
-                                    temperature=m.temperature, floor=m.floor, generator=g)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-
-    def mixture_of(self, model):
-        return model.floral.mixture
-
-    def _adaptor_names(self, model) -> set[str]:
-        return {n for n, _ in model.named_parameters() if n.startswith("floral.adaptors.")}
-
-    def shared(self, model) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in model.named_parameters() if not n.startswith("floral.mixture.")}
-
-    def slot(self, name: str):
-        return STACKED if name.startswith("floral.adaptors.") else None
-
-    def param_groups(self, model) -> list[dict]:
-        ad = self._adaptor_names(model)
-        named = self.shared(model)
-        lr = self.mcfg.adaptor_lr or self.cfg.train.lr
-        groups = [{"params": [p for n, p in named.items() if n not in ad]}]
-        adaptors = [p for n, p in named.items() if n in ad and p.requires_grad]
-        return groups + ([{"params": adaptors, "lr": lr}] if adaptors else [])
-
-    def before_step(self, model) -> None:
-        if self.mcfg.precondition:
-            for ad in model.floral.adaptors.values():
-                ad.precondition(self.mcfg.eps)
-
-    def personal(self, logits: torch.Tensor) -> torch.nn.Module:
-        return merge_into(self.plain, self.model, logits)  # no adaptor cost at inference
-
-    def extra_params(self) -> int:
-        return self.floral.adaptor_params()
+        return self._personal(state, self.router.held(clusters[cid] if clusters else None, client_state, server))

@@ -22,11 +22,15 @@ from typing import Literal
 
 import torch
 
-from hetfl.engine.api import ClientContext, Message, ServerState, iter_sorted
-from hetfl.seeding import generator
-from hetfl.methods.hetrank import HetRankConfig, HetRankLoRA, client_weights, factor_keys, index_key
+from hetfl.engine.api import ClientContext, Message, Method, RoundReport, ServerState
+from hetfl.methods.common import ServerOptimizer, fp32_nbytes, reply_meta_nbytes
+from hetfl.methods.hetrank import (RANK, HetRankConfig, RankBudget, aggregate_head, client_weights, factor_keys,
+                                   factor_nbytes, head_state, index_dtype, inject_global_lora, load_factors,
+                                   load_global, load_head, local_scale, rank_reply, rank_report, record_ranks,
+                                   scatter_mean, slice_factors, train_factors)
 from hetfl.models.lora import lora_state_dict
 from hetfl.registry import register_method
+from hetfl.seeding import generator
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,17 @@ class FSLoRAConfig(HetRankConfig):
 
 
 @register_method("fslora", FSLoRAConfig, "FSLoRA: random-k sketches of a high-rank global LoRA (heterogeneous k_i)")
-class FSLoRA(HetRankLoRA):
-    send_indices = True  # the index sets cross the link both ways (HeteroLoRA needs none)
+class FSLoRA(Method):
+    supports_selection = True  # `load` puts the client's rank-k model in place: data selection can run
 
-    def setup(self, scenario) -> ServerState:
-        state = self.setup_ranks(scenario)
-        state["global"] = {n: t.clone() for n, t in lora_state_dict(scenario.model).items()}
-        return state
+    def __init__(self, cfg, mcfg: FSLoRAConfig):
+        self.cfg, self.mcfg = cfg, mcfg
+        self.r = cfg.lora.rank
+        self.s = cfg.lora.alpha / self.r  # the global adapter's scaling (used for evaluation)
+        self.server_opt = ServerOptimizer(mcfg)
+
+    def scale(self, k: int) -> float:
+        return local_scale(self.s, self.r, k)
 
     def indices(self, rnd: int, cid: int, mod: str, k: int) -> torch.Tensor:
         """The k channels client `cid` trains in module `mod` in round `rnd`: a uniform k-subset of
@@ -51,39 +59,65 @@ class FSLoRA(HetRankLoRA):
         perm = torch.randperm(self.r, generator=generator(self.cfg.seed, rnd, cid, "sketch", mod))
         return perm[:k].sort().values  # (k,) int64
 
+    # -- server -------------------------------------------------------------------------
+    def setup(self, scenario) -> ServerState:
+        self.scenario = scenario
+        self.modules, self.units, self.head = inject_global_lora(scenario.model, self.cfg)
+        self.budget = RankBudget(self.cfg, self.mcfg, scenario, self.units)
+        return {"rank": self.budget.initial_ranks(), "round_rank": {}, "head": head_state(scenario.model, self.head),
+                "global": {n: t.clone() for n, t in lora_state_dict(scenario.model).items()}}
+
+    def plan(self, cid: int, device) -> tuple[dict, int]:
+        return self.budget.plan(cid, device)
+
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
-        return self.slice_messages(state, rnd, cids)
+        """Per client: its sketch I of every module, the global A[I, :] and B[:, I], and the head."""
+        down = {}
+        for cid in cids:
+            k = state["rank"][cid]
+            tensors = slice_factors(state["global"], self.modules, lambda mod: self.indices(rnd, cid, mod, k),
+                                    index=index_dtype(self.r))
+            down[cid] = Message(tensors, kind="model")
+        for msg in down.values():
+            msg.tensors.update(state["head"])
+        return down
+
+    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        w = client_weights(replies, self.mcfg.weighting)  # 1/P each by default
+        self.server_opt.step(state, "global", scatter_mean(state["global"], self.modules, replies, w))
+        aggregate_head(state, replies, w, self.head, self.server_opt)
+        record_ranks(state, replies)
+        return state
+
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
+        return rank_report(state)
+
+    def observe(self, state: ServerState, rnd: int, costs: dict) -> None:
+        self.budget.observe(state, costs)
+
+    def eval_model(self, state: ServerState) -> torch.nn.Module:
+        return load_global(self.scenario.model, state["global"], self.head, state["head"], self.s)
+
+    def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
+        """The rank-k factors, their channel indices and the head each way; the rank with the reply."""
+        k = state["rank"][cid]
+        index = len(self.modules) * k * index_dtype(self.r).itemsize
+        n = factor_nbytes(k, self.units) + index + fp32_nbytes(state["head"].values())
+        return n, (n + reply_meta_nbytes(num_examples, **{RANK: k}) if num_examples else 0)
+
+    # -- client -------------------------------------------------------------------------
+    def load(self, msg: Message, ctx: ClientContext) -> None:
+        """The client's rank-k factors at scaling s * r / k, and the global head."""
+        load_factors(ctx.model, msg.tensors, self.scale)
+        load_head(ctx.model, self.head, msg.tensors)
 
     def client_update(self, msg: Message, ctx: ClientContext) -> Message:
         start = {n: t for n, t in msg.tensors.items() if n.endswith((".lora_A", ".lora_B"))}
         head = {n: msg.tensors[n] for n in self.head}
-        loss, trained, head_delta = self.train_factors(ctx, start, head)  # local scaling s * r / k
+        loss, trained, head_delta = train_factors(ctx, self.cfg, self.budget, start, self.head, head, self.scale,
+                                                  "FSLoRA")
         up = {n: trained[n] - start[n] for n in start}  # deltas (k, in) and (out, k)
         up.update(head_delta)
-        up.update({n: t for n, t in msg.tensors.items() if n.endswith(".index")})
+        up.update({n: t for n, t in msg.tensors.items() if n.endswith(".index")})  # which channels they are
         k = start[factor_keys(self.modules[0])[0]].shape[0]
-        return self.reply(ctx, up, loss, k)
-
-    def reply_indices(self, msg: Message, mod: str) -> torch.Tensor:
-        """Which global channels a reply's factors belong to (int64 for indexing)."""
-        idx = msg.tensors.get(index_key(mod))
-        if idx is not None:
-            return idx.long()  # a uint8 tensor would index as a boolean mask
-        return torch.arange(msg.tensors[factor_keys(mod)[0]].shape[0])
-
-    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
-        w = client_weights(replies, self.mcfg.weighting)  # 1/P each by default
-        mean = {n: torch.zeros_like(t) for n, t in state["global"].items()}
-        for cid, msg in iter_sorted(replies):
-            for mod in self.modules:
-                a, b = factor_keys(mod)
-                idx = self.reply_indices(msg, mod)
-                mean[a][idx] += w[cid] * msg.tensors[a]  # scatter rows: (k, in) into (r, in)
-                mean[b][:, idx] += w[cid] * msg.tensors[b]  # scatter columns: (out, k) into (out, r)
-        self.server_opt.step(state, "global", mean)
-        self.aggregate_head(state, replies, w)
-        self.record_ranks(state, replies)
-        return state
-
-    def eval_model(self, state: ServerState) -> torch.nn.Module:
-        return self.load_global(state)
+        return rank_reply(ctx, up, loss, k)

@@ -1,8 +1,11 @@
-"""Pieces shared by the heterogeneous-rank LoRA methods (fslora, heterolora, flexlora, flora-stack).
+"""Functions and one component shared by the heterogeneous-rank LoRA methods (fslora, heterolora,
+flexlora, flora-stack); none of them is a base class.
 
 Every client i trains a LoRA of its own rank k_i <= r, where r = `lora.rank` is the global rank.
-This module chooses k_i, estimates what a client needs at rank k (memory, FLOPs, bytes, time),
-and loads rank-k factors into the one shared model. How k_i is chosen (`method.sketch`):
+`RankBudget` chooses k_i and estimates what a client needs at rank k (memory, FLOPs, bytes,
+time); the functions below slice rank-k factors out of the global ones, scatter them back, load
+them into the one shared model, train them, and handle a classifier's dense head. How k_i is
+chosen (`method.sketch`):
 
 - ``fixed``: drawn once per client from `method.rank_dist` (seeded; the FSLoRA paper's setup).
 - ``policy``: the largest k whose estimated memory fits the client's device and whose estimated
@@ -11,7 +14,7 @@ and loads rank-k factors into the one shared model. How k_i is chosen (`method.s
   measured cost to `observe`, which rescales that client's k by deadline / observed time.
 
 All mutable method state (each client's current k) lives in the server state under "rank", so it
-is checkpointed; the method object only keeps values derived once from the config and scenario.
+is checkpointed; a method object only keeps values derived once from the config and scenario.
 """
 
 from __future__ import annotations
@@ -22,16 +25,16 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from hetfl.engine.api import (NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, Method, RoundReport, ServerState,
-                             iter_sorted)
-from hetfl.seeding import derive_seed, generator
-from hetfl.methods.common import AvgConfig, ServerOptimizer, estimate_memory, local_train, tokens_per_sample
-from hetfl.models.lora import inject_lora, load_lora_state_dict, lora_modules, lora_state_dict
+from hetfl.config import Config
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, RoundReport, ServerState, iter_sorted
+from hetfl.methods.common import (FP32, AvgConfig, ServerOptimizer, copy_into, estimate_memory, head_names,
+                                  inject_run_lora, local_train, lora_and_head, tokens_per_sample)
+from hetfl.models.lora import load_lora_state_dict, lora_modules, lora_state_dict
+from hetfl.seeding import generator
 from hetfl.system.cost import client_cost
 from hetfl.system.memory import fits
 
 RANK = "rank"  # reply metadata: the rank the client trained at (clients.csv's rank column)
-FP32 = 4  # bytes per value of an fp32 tensor
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class HetRankConfig(AvgConfig):
             yield "deadline_s", "must be >= 0"
         if self.sketch == "adaptive" and self.deadline_s <= 0:
             yield "deadline_s", "sketch=adaptive needs a deadline > 0 (simulated seconds per round)"
+
+
+# ----------------------------------------------------------------------------- choosing k_i
 
 
 def draw_ranks(mcfg: HetRankConfig, r: int, n: int, seed: int) -> list[int]:
@@ -96,129 +102,27 @@ def adapt_rank(k: int, time_s: float, deadline_s: float, k_max: int) -> int:
     return max(1, min(k_max, new))
 
 
-def client_weights(replies: dict[int, Message], weighting: str) -> dict[int, float]:
-    """Aggregation weight per replying client: 1/P (uniform) or n_i / sum_j n_j (examples)."""
-    n = {c: float(m.meta[NUM_EXAMPLES]) if weighting == "examples" else 1.0 for c, m in replies.items()}
-    total = sum(n.values())
-    return {c: v / total for c, v in n.items()}
+class RankBudget:
+    """Each client's rank k_i and what training at rank k costs it (memory, FLOPs, bytes, time).
 
-
-def index_dtype(r: int) -> torch.dtype:
-    """The narrowest integer type that holds channel indices 0..r-1 (indices travel on the link)."""
-    return torch.uint8 if r <= 256 else torch.int16 if r <= 2**15 else torch.int32
-
-
-def index_key(mod: str) -> str:
-    return f"{mod}.index"
-
-
-def factor_keys(mod: str) -> tuple[str, str]:
-    return f"{mod}.lora_A", f"{mod}.lora_B"
-
-
-def load_factors(model: nn.Module, tensors: dict[str, torch.Tensor], scale: Callable[[int], float]) -> None:
-    """Give every LoRA layer the factors in `tensors` ("<module>.lora_A" (k, in), "<module>.lora_B"
-    (out, k)), re-allocating it at rank k when needed, and set its scaling to `scale(k)`.
-
-    `set_rank` resets the scaling to alpha / k, so the scaling is set again afterwards.
-    """
-    load_lora_state_dict(model, {n: t for n, t in tensors.items() if n.endswith((".lora_A", ".lora_B"))})
-    for m in lora_modules(model).values():
-        m.scaling = scale(m.rank)
-
-
-class HetRankLoRA(Method):
-    """Base of the heterogeneous-rank LoRA methods: rank choice, plans, adaptive budgets, local training.
-
-    Subclasses implement `setup` (calling `setup_ranks`), `configure`, `client_update`,
-    `aggregate` and `eval_model`.
+    Args:
+        cfg: the run's config.
+        mcfg: the method's rank options.
+        scenario: the built scenario, its model already carrying the global rank-r LoRA.
+        units: LoRA values per unit of rank, sum over modules of (in + out).
+        down_nbytes: bytes a rank-k client downloads; None: its fp32 rank-k factors.
     """
 
-    supports_selection = True  # `load` puts the client's rank-k model in place: data selection can run
-
-    def __init__(self, cfg, mcfg: HetRankConfig):
-        self.cfg, self.mcfg = cfg, mcfg
+    def __init__(self, cfg: Config, mcfg: HetRankConfig, scenario, units: int,
+                 down_nbytes: Callable[[int], int] | None = None):
+        self.cfg, self.mcfg, self.scenario, self.units = cfg, mcfg, scenario, units
         self.r = cfg.lora.rank
-        self.server_opt = ServerOptimizer(mcfg)
+        self.down_nbytes = down_nbytes
 
-    # -- scales ---------------------------------------------------------------------
-    @property
-    def s(self) -> float:
-        """The global adapter's scaling alpha / r (used for evaluation)."""
-        return self.cfg.lora.alpha / self.r
-
-    def local_scale(self, k: int) -> float:
-        """Scaling of a rank-k client adapter: s * r / k (FSLoRA's unbiased sketch scale), which
-        with s = alpha / r is also standard LoRA scaling alpha / k at rank k."""
-        return self.s * self.r / k
-
-    # -- setup and plans --------------------------------------------------------------
-    def setup_ranks(self, scenario) -> ServerState:
-        """Inject the global rank-r LoRA (same init as fedit) and choose every client's first rank."""
-        self.scenario = scenario
-        lc = self.cfg.lora
-        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "lora-init"))
-        inject_lora(scenario.model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, regex=lc.regex,
-                    exclude=lc.exclude, dropout=lc.dropout, generator=g)
-        mods = lora_modules(scenario.model)
-        self.modules = list(mods)  # names, fixed for the run
-        self.units = sum(m.in_features + m.out_features for m in mods.values())  # LoRA params per unit of rank
-        # A classifier's freshly initialised head trains densely on every client (whatever its rank)
-        # and is averaged like FedIT does it; language models have none.
-        self.head = list(getattr(scenario.model, "head_param_names", lambda: [])())
-        params = dict(scenario.model.named_parameters())
-        for n in self.head:
-            params[n].requires_grad_(True)
-        pop = scenario.population
-        return {"rank": {cid: self.initial_rank(cid, pop.device(cid)) for cid in range(len(pop))}, "round_rank": {},
-                "head": {n: params[n].detach().clone() for n in self.head}}
-
-    # -- downlink: each client's rank-k slice of the global factors --------------------
-    send_indices = False  # whether the chosen channel indices travel with the factors
-
-    def indices(self, rnd: int, cid: int, mod: str, k: int) -> torch.Tensor:
-        """The global channels client `cid` gets in module `mod`: the first k by default."""
-        return torch.arange(k)
-
-    def b_scale(self, k: int) -> float:
-        """Factor applied to the sliced B on the way down (1: send the global values)."""
-        return 1.0
-
-    def slice_messages(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
-        """Per client: A[I, :] (k, in) and B[:, I] (out, k) of every module for its channels I (one
-        index set for both factors of a module), the indices if `send_indices`, and the head."""
-        g, out = state["global"], {}
-        for cid in cids:
-            k, tensors = state["rank"][cid], {}
-            for mod in self.modules:
-                a, b = factor_keys(mod)
-                idx = self.indices(rnd, cid, mod, k)
-                tensors[a] = g[a][idx]  # (r, in) -> (k, in)
-                tensors[b] = g[b][:, idx] * self.b_scale(k)  # (out, r) -> (out, k); x * 1.0 is exact
-                if self.send_indices:
-                    tensors[index_key(mod)] = idx.to(index_dtype(self.r))
-            out[cid] = Message(tensors, kind="model")
-        return self.with_head(state, out)
-
-    # -- the dense classification head (empty for language models) --------------------
-    def with_head(self, state: ServerState, msgs: dict[int, Message]) -> dict[int, Message]:
-        """Add the global head to every downlink message."""
-        for msg in msgs.values():
-            msg.tensors.update(state["head"])
-        return msgs
-
-    def aggregate_head(self, state: ServerState, replies: dict[int, Message], w: dict[int, float]) -> None:
-        """Weighted mean of the clients' head deltas, applied by the server optimiser."""
-        if not self.head:
-            return
-        mean = {n: sum(w[c] * m.tensors[n] for c, m in iter_sorted(replies)) for n in self.head}
-        self.server_opt.step(state, "head", mean)
-
-    def load_head(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n in self.head:
-                params[n].copy_(tensors[n])
+    def initial_ranks(self) -> dict[int, int]:
+        """Every client's first rank (the server state's "rank")."""
+        pop = self.scenario.population
+        return {cid: self.initial_rank(cid, pop.device(cid)) for cid in range(len(pop))}
 
     def initial_rank(self, cid: int, device) -> int:
         """Client `cid`'s rank before any adaptation: the policy's choice, or its seeded draw."""
@@ -265,16 +169,16 @@ class HetRankLoRA(Method):
         return float(tokens * (4 * frozen + 6 * k * self.units))
 
     def estimate_bytes(self, k: int) -> tuple[int, int]:
-        """(up, down) bytes at rank k: the fp32 rank-k factors each way (a codec only shrinks them)."""
-        n = FP32 * k * self.units
-        return n, n
+        """(up, down) bytes at rank k: the fp32 rank-k factors each way (a codec only shrinks them),
+        unless the method downloads something else (`down_nbytes`)."""
+        n = factor_nbytes(k, self.units)
+        return n, n if self.down_nbytes is None else self.down_nbytes(k)
 
     def estimate_time(self, k: int, device) -> float:
         up, down = self.estimate_bytes(k)
         return client_cost(device, self.estimate_flops(k), up, down).time_s
 
-    # -- hooks the loop calls if present ----------------------------------------------
-    def observe(self, state: ServerState, rnd: int, costs: dict) -> None:
+    def observe(self, state: ServerState, costs: dict) -> None:
         """sketch=adaptive: rescale each sampled client's k toward `deadline_s` for later rounds."""
         if self.mcfg.sketch != "adaptive":
             return
@@ -283,41 +187,171 @@ class HetRankLoRA(Method):
             k_max = self.max_rank(pop.device(cid))
             state["rank"][cid] = adapt_rank(state["rank"][cid], costs[cid].time_s, self.mcfg.deadline_s, k_max)
 
-    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
-        ks = list(state["round_rank"].values())
-        out = {"rank_mean": sum(ks) / len(ks), "rank_min": min(ks), "rank_max": max(ks)} if ks else {}
-        return RoundReport(stats={**out, **state.get("stats", {})})
 
-    # -- client side ------------------------------------------------------------------
-    def load(self, msg: Message, ctx: ClientContext) -> None:
-        """Put the model the client starts from into `ctx.model`: its rank-k factors from `msg` at
-        scaling `local_scale(k)`, and the global head (data selection runs on this model)."""
-        load_factors(ctx.model, msg.tensors, self.local_scale)
-        self.load_head(ctx.model, msg.tensors)
+# ----------------------------------------------------------------------------- the global LoRA and the head
 
-    def train_factors(self, ctx: ClientContext, start: dict[str, torch.Tensor],
-                      head: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Load the rank-k factors `start` with scaling `local_scale(k)` (and the global `head`),
-        train them locally, and return (mean loss, the trained factors, the head's deltas)."""
-        model = ctx.model
-        load_factors(model, start, self.local_scale)
-        self.load_head(model, head)
-        ranks = tuple(m.rank for m in lora_modules(model).values())
-        ctx.mem_bytes = self.memory(ranks[0])  # this round's rank, which `sketch=adaptive` may have changed
-        params = [p for n, p in model.named_parameters() if "lora_" in n or n in self.head]
-        loss = local_train(ctx, params, self.cfg, (type(self).__name__, ranks))
-        named = dict(model.named_parameters())
-        head_delta = {n: named[n].detach() - head[n] for n in self.head}
-        return loss, {n: t.clone() for n, t in lora_state_dict(model).items()}, head_delta
 
-    def reply(self, ctx: ClientContext, tensors: dict[str, torch.Tensor], loss: float, k: int) -> Message:
-        return Message(tensors, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss, RANK: k}, kind="update")
+def index_dtype(r: int) -> torch.dtype:
+    """The narrowest integer type that holds channel indices 0..r-1 (indices travel on the link)."""
+    return torch.uint8 if r <= 256 else torch.int16 if r <= 2**15 else torch.int32
 
-    def record_ranks(self, state: ServerState, replies: dict[int, Message]) -> None:
-        state["round_rank"] = {cid: int(replies[cid].meta[RANK]) for cid in sorted(replies)}
 
-    def load_global(self, state: ServerState) -> nn.Module:
-        """The scenario model carrying the global rank-r factors in state["global"] at scaling s."""
-        load_factors(self.scenario.model, state["global"], lambda k: self.s)
-        self.load_head(self.scenario.model, state["head"])
-        return self.scenario.model
+def index_key(mod: str) -> str:
+    return f"{mod}.index"
+
+
+def factor_keys(mod: str) -> tuple[str, str]:
+    return f"{mod}.lora_A", f"{mod}.lora_B"
+
+
+def local_scale(s: float, r: int, k: int) -> float:
+    """Scaling of a rank-k client adapter: s * r / k (FSLoRA's unbiased sketch scale), which with
+    the global scaling s = alpha / r is also standard LoRA scaling alpha / k at rank k."""
+    return s * r / k
+
+
+def factor_nbytes(k: int, units: int) -> int:
+    """fp32 bytes of a rank-k adapter: k * (in + out) values per module."""
+    return FP32 * k * units
+
+
+def inject_global_lora(model: nn.Module, cfg: Config) -> tuple[list[str], int, list[str]]:
+    """Inject the global rank-r LoRA (same init as fedit) and make a classifier's head trainable.
+
+    A classifier's freshly initialised head trains densely on every client (whatever its rank)
+    and is averaged like FedIT does it; language models have none.
+
+    Returns:
+        The adapted module names (fixed for the run), the LoRA values per unit of rank
+        (sum of in + out), and the head's parameter names.
+    """
+    inject_run_lora(model, cfg)
+    mods = lora_modules(model)
+    head = head_names(model)
+    params = dict(model.named_parameters())
+    for n in head:
+        params[n].requires_grad_(True)
+    return list(mods), sum(m.in_features + m.out_features for m in mods.values()), head
+
+
+def head_state(model: nn.Module, head: list[str]) -> dict[str, torch.Tensor]:
+    """Copies of the model's current head tensors (the server's global head)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in head}
+
+
+def load_head(model: nn.Module, head: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    copy_into({n: params[n] for n in head}, tensors)
+
+
+def aggregate_head(state: ServerState, replies: dict[int, Message], w: dict[int, float], head: list[str],
+                   server_opt: ServerOptimizer) -> None:
+    """Weighted mean of the clients' head deltas, applied by the server optimiser."""
+    if not head:
+        return
+    mean = {n: sum(w[c] * m.tensors[n] for c, m in iter_sorted(replies)) for n in head}
+    server_opt.step(state, "head", mean)
+
+
+def load_factors(model: nn.Module, tensors: dict[str, torch.Tensor], scale: Callable[[int], float]) -> None:
+    """Give every LoRA layer the factors in `tensors` ("<module>.lora_A" (k, in), "<module>.lora_B"
+    (out, k)), re-allocating it at rank k when needed, and set its scaling to `scale(k)`.
+
+    `set_rank` resets the scaling to alpha / k, so the scaling is set again afterwards.
+    """
+    load_lora_state_dict(model, {n: t for n, t in tensors.items() if n.endswith((".lora_A", ".lora_B"))})
+    for m in lora_modules(model).values():
+        m.scaling = scale(m.rank)
+
+
+def load_global(model: nn.Module, factors: dict[str, torch.Tensor], head: list[str],
+                head_tensors: dict[str, torch.Tensor], s: float) -> nn.Module:
+    """`model` carrying the global rank-r factors at scaling s, and the global head."""
+    load_factors(model, factors, lambda k: s)
+    load_head(model, head, head_tensors)
+    return model
+
+
+# ----------------------------------------------------------------------------- slicing and scattering
+
+
+def slice_factors(g: dict[str, torch.Tensor], modules: list[str], indices: Callable[[str], torch.Tensor],
+                  b_scale: float = 1.0, index: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One client's A[I, :] (k, in) and B[:, I] * b_scale (out, k) of every module, for its
+    channels I = indices(module) (one index set for both factors of a module); the indices too,
+    as `index` integers, when they must travel."""
+    tensors = {}
+    for mod in modules:
+        a, b = factor_keys(mod)
+        idx = indices(mod)
+        tensors[a] = g[a][idx]  # (r, in) -> (k, in)
+        tensors[b] = g[b][:, idx] * b_scale  # (out, r) -> (out, k); x * 1.0 is exact
+        if index is not None:
+            tensors[index_key(mod)] = idx.to(index)
+    return tensors
+
+
+def reply_indices(msg: Message, mod: str) -> torch.Tensor:
+    """Which global channels a reply's factors belong to: its indices, else the first k (int64)."""
+    idx = msg.tensors.get(index_key(mod))
+    if idx is not None:
+        return idx.long()  # a uint8 tensor would index as a boolean mask
+    return torch.arange(msg.tensors[factor_keys(mod)[0]].shape[0])
+
+
+def scatter_mean(g: dict[str, torch.Tensor], modules: list[str], replies: dict[int, Message],
+                 w: dict[int, float]) -> dict[str, torch.Tensor]:
+    """The weighted sum of the replies' rank-k deltas, each scattered into zeros of global size."""
+    mean = {n: torch.zeros_like(t) for n, t in g.items()}
+    for cid, msg in iter_sorted(replies):
+        for mod in modules:
+            a, b = factor_keys(mod)
+            idx = reply_indices(msg, mod)
+            mean[a][idx] += w[cid] * msg.tensors[a]  # scatter rows: (k, in) into (r, in)
+            mean[b][:, idx] += w[cid] * msg.tensors[b]  # scatter columns: (out, k) into (out, r)
+    return mean
+
+
+def client_weights(replies: dict[int, Message], weighting: str) -> dict[int, float]:
+    """Aggregation weight per replying client: 1/P (uniform) or n_i / sum_j n_j (examples)."""
+    n = {c: float(m.meta[NUM_EXAMPLES]) if weighting == "examples" else 1.0 for c, m in replies.items()}
+    total = sum(n.values())
+    return {c: v / total for c, v in n.items()}
+
+
+# ----------------------------------------------------------------------------- the client step
+
+
+def train_factors(ctx: ClientContext, cfg: Config, budget: RankBudget, start: dict[str, torch.Tensor],
+                  head: list[str], head_tensors: dict[str, torch.Tensor], scale: Callable[[int], float],
+                  tag: str) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Load the rank-k factors `start` at scaling `scale(k)` and the global head, train them
+    locally, and return (mean loss, the trained factors, the head's deltas)."""
+    model = ctx.model
+    load_factors(model, start, scale)
+    load_head(model, head, head_tensors)
+    ranks = tuple(m.rank for m in lora_modules(model).values())
+    ctx.mem_bytes = budget.memory(ranks[0])  # this round's rank, which `sketch=adaptive` may have changed
+    loss = local_train(ctx, list(lora_and_head(model).values()), cfg, (tag, ranks))
+    named = dict(model.named_parameters())
+    head_delta = {n: named[n].detach() - head_tensors[n] for n in head}
+    return loss, {n: t.clone() for n, t in lora_state_dict(model).items()}, head_delta
+
+
+def rank_reply(ctx: ClientContext, tensors: dict[str, torch.Tensor], loss: float, k: int) -> Message:
+    return Message(tensors, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss, RANK: k}, kind="update")
+
+
+# ----------------------------------------------------------------------------- the round's report
+
+
+def record_ranks(state: ServerState, replies: dict[int, Message]) -> None:
+    state["round_rank"] = {cid: int(replies[cid].meta[RANK]) for cid in sorted(replies)}
+
+
+def rank_report(state: ServerState) -> RoundReport:
+    """The round's rank statistics plus the method's own numbers in state["stats"]."""
+    ks = list(state["round_rank"].values())
+    out = {"rank_mean": sum(ks) / len(ks), "rank_min": min(ks), "rank_max": max(ks)} if ks else {}
+    return RoundReport(stats={**out, **state.get("stats", {})})

@@ -14,26 +14,34 @@ subset of the devices.
 - Edge servers: device k is served by server `server_of[k]` (allocation, else `k mod M`) and only
   that server sees its traffic (`served`); each server keeps one copy per device it serves (V1).
   Averaging each server's copies by data and then the servers' averages by the data behind them
-  is the data-weighted mean over all devices, so the shared SplitFed aggregation serves as is.
+  is the data-weighted mean over all devices, so SplitFed V1's aggregation serves as is.
+- Cut layers: with `wireless.cuts` the allocation also picks the cohort's cut (`best_cut`, asking
+  the cut owner `cuts`), which then travels down with the model.
 
 Per local step (B samples, E activation elements per sample at the cut, q bits):
     up   activations: ceil(B*E*q/8) + 8 per quantization group, + B*8 (int64 labels)
     down grad_cut:    B*E*4 (fp32; or quantized with grad_bits) + 4 (the batch loss)
+`payload` counts lossless codecs (q = 32: B*E*4); a table checking it against the ledger sets
+method.bits=32 (grad_bits stays 32) with wireless.enabled=false, since the allocation picks bits.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from hetfl.comm.codecs import Quant
-from hetfl.engine.api import Message, RoundReport, ServerState
-from hetfl.seeding import derive_seed
-from hetfl.methods.split_common import SplitConfig
-from hetfl.methods.splitfed_v1 import SplitFedV1
+from hetfl.config import Config
+from hetfl.engine.api import ClientContext, Message, Method, RoundReport, ServerState
+from hetfl.errors import ConfigError
+from hetfl.methods.split_common import (CutPoints, ServerCopies, SplitConfig, SplitExchange, per_sample_ce,
+                                        splitfed_client_update, splitfed_payload, splitfed_step)
+from hetfl.models.split import body_forward, head_forward
 from hetfl.registry import register_method
+from hetfl.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -58,10 +66,15 @@ class SFLAMConfig(SplitConfig):
             yield "group", "must be >= 0"
 
 
-
-
 @register_method("sflam", SFLAMConfig, "SFLAM: quantized SplitFed with partial server fine-tuning, M edge servers")
-class SFLAM(SplitFedV1):
+class SFLAM(Method):
+    calls_server = True
+
+    def __init__(self, cfg: Config, mcfg: SFLAMConfig):
+        self.cfg, self.mcfg = cfg, mcfg
+        self.split = SplitExchange(cfg, mcfg.name, tail_on_client=False)  # the servers run body and tail
+        self.copies = ServerCopies(self.split, cfg)  # V1: one server copy per device
+
     def setup(self, scenario) -> ServerState:
         if self.mcfg.server_tune == "lora":  # adapters live in the body; the device's blocks train in full
             from hetfl.models.lora import inject_lora
@@ -72,13 +85,12 @@ class SFLAM(SplitFedV1):
                         exclude=lc.exclude, dropout=lc.dropout, generator=g)
             for p in scenario.model.parameters():
                 p.requires_grad_(False)
-        state = super().setup(scenario)
-        if self.mcfg.server_tune == "last-k" and self.mcfg.last_k >= self.layout.num_blocks:
-            from hetfl.errors import ConfigError
-
-            raise ConfigError(f"method.last_k: {self.mcfg.last_k} must be below the model's "
-                              f"{self.layout.num_blocks} blocks")
+        state = self.split.setup(scenario)
+        self.scenario, blocks = scenario, self.split.layout.num_blocks
+        if self.mcfg.server_tune == "last-k" and self.mcfg.last_k >= blocks:
+            raise ConfigError(f"method.last_k: {self.mcfg.last_k} must be below the model's {blocks} blocks")
         w = self.cfg.wireless
+        self.cuts = CutPoints(self.mcfg, blocks, self.split.client_memory, travels=w.enabled and bool(w.cuts))
         self.num_servers = w.num_servers
         self.server_of = {cid: cid % self.num_servers for cid in range(scenario.num_clients)}
         self.bits = {cid: self.mcfg.bits for cid in range(scenario.num_clients)}
@@ -92,10 +104,13 @@ class SFLAM(SplitFedV1):
             self.server_of = {c: int(s) for c, s in enumerate(initial_servers(w, self.channels, self.cfg.seed))}
         return state
 
-    # -- what trains on the server ----------------------------------------------------------
-    def server_names(self, cut: int) -> tuple[str, ...]:
+    def plan(self, cid: int, device) -> tuple[dict, int]:
+        cut = self.cuts.plan(cid, device)
+        return {"cut": cut}, self.split.client_memory(cut)
+
+    def trained_names(self, cut: int) -> tuple[str, ...]:
         """The server-side parameters that train (the rest of the server part stays frozen)."""
-        lay, m = self.layout, self.mcfg
+        lay, m = self.split.layout, self.mcfg
         if m.server_tune == "full":
             return lay.body(cut) + lay.tail
         if m.server_tune == "last-k":
@@ -103,15 +118,15 @@ class SFLAM(SplitFedV1):
             return lay.body(first) + lay.tail
         return tuple(n for n in lay.body(cut) if "lora_" in n) + lay.tail
 
-    def client_names(self, cut: int) -> tuple[str, ...]:
-        return self.layout.head(cut)  # SplitFed: the tail runs on the server
-
-    # -- round ------------------------------------------------------------------------------
-    def begin_round(self, state: ServerState, rnd: int, cids: list[int]) -> None:
-        super().begin_round(state, rnd, cids)
-        if self.cfg.wireless.enabled and (self.cfg.wireless.allocate_every == "round" or not self.radio_of):
-            self.allocate(rnd, cids if self.cfg.wireless.allocate_every == "round" else list(range(len(self.bits))))
+    # -- round: allocation, codecs, the edge servers ---------------------------------------------
+    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
+        w = self.cfg.wireless
+        self.split.begin_round(state, cids, train=True)
+        self.copies.begin_round(state)
+        if w.enabled and (w.allocate_every == "round" or not self.radio_of):
+            self.allocate(rnd, cids if w.allocate_every == "round" else list(range(len(self.bits))))
         self.served: dict[int, list[int]] = {m: [] for m in range(self.num_servers)}
+        return self.split.model_messages(state, cids, self.cuts)  # with the allocated cut, if cuts move
 
     def codecs(self, rnd: int, cids: list[int]) -> dict[int, dict[str, Quant]]:
         """Each device's activations at its own bit-width (and the gradient at `grad_bits`)."""
@@ -123,34 +138,68 @@ class SFLAM(SplitFedV1):
                 out[cid]["grad_cut"] = Quant(m.grad_bits, m.group, stochastic)
         return out
 
-    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
-        msgs = super().configure(state, rnd, cids)
-        if self.cfg.wireless.enabled and self.cfg.wireless.cuts:  # the cut chosen this round travels down
-            for cid, m in msgs.items():
-                m.meta["cut"] = self.cuts[cid]
-        return msgs
+    def server_call(self, rnd: int):
+        return self.split.handler(self.serve)
 
     def serve(self, cid: int, kind: str, msg: Message) -> Message:
-        server = self.server_of[cid]
+        if kind != "activations":
+            raise ValueError(f"{self.mcfg.name} server: unknown message kind {kind!r}")
+        server = self.server_of[cid]  # only this device's edge server sees its traffic
         if cid not in self.served[server]:
             self.served[server].append(cid)
-        return super().serve(cid, kind, msg)
+        cut = self.cuts.of(cid)
+        return splitfed_step(self.split, cut, msg, self.copies.serving(cid, self.trained_names(cut)))
 
-    # -- the wireless system: probes, allocation, radio ----------------------------------------
+    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
+        return splitfed_client_update(self.split, self.cuts, self.cfg, msg, ctx)
+
+    # -- aggregation: device parts by FedAvg, server copies by their devices' data ------------------
+    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        if not replies:
+            return state
+        self.copies.park()
+        trained = {cid: set(self.trained_names(self.cuts.of(cid))) for cid in replies}
+        return self.split.aggregate(state, replies, self.mcfg.weighting,
+                                    lambda cid, n: self.copies.version(cid, n) if n in trained[cid] else None)
+
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
+        rep = self.split.report(self.cuts)
+        round_cids = self.split.round_cids
+        rep.stats["bits_mean"] = sum(self.bits[c] for c in round_cids) / len(round_cids)
+        rep.stats["servers_used"] = sum(1 for c in self.served.values() if c)
+        rep.client_rows = {c: self.client_row(c) for c in cids}
+        rep.server_of = dict(self.server_of)
+        if self.cfg.wireless.enabled:  # bandwidth, power and server per client for the wireless cost model
+            rep.radio = {c: self.radio_of[c] for c in cids}
+        return rep
+
+    def client_row(self, cid: int) -> dict:
+        out = {"server": self.server_of[cid], "bits": self.bits[cid]}
+        if cid in self.radio_of:
+            out["bandwidth_hz"], out["power_w"] = self.radio_of[cid][0], self.radio_of[cid][1]
+        return out
+
+    def eval_model(self, state: ServerState) -> torch.nn.Module:
+        return self.split.eval_model(state)
+
+    def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
+        """SplitFed's bytes at fp32 (method.bits=32; module docstring), the cut in the model
+        message's metadata when the allocation moves cuts."""
+        return splitfed_payload(self.split, self.cuts, self.cfg, cid, num_examples)
+
+    # -- the wireless system: probes, allocation, radio ------------------------------------------
     def probe(self, cut: int) -> dict[str, float]:
         """FLOPs per batch of the device part and of the server part at `cut`, and the range of
         the cut activations, measured once on a batch of the server's own evaluation samples."""
         from torch.utils.flop_counter import FlopCounterMode
-
-        from hetfl.methods.split_common import per_sample_ce
-        from hetfl.models.split import body_forward, head_forward
 
         if cut in self.probes:
             return self.probes[cut]
         task, b = self.scenario.task, self.cfg.train.batch_size
         samples = list(task.eval_samples)
         batch = task.collate([samples[i % len(samples)] for i in range(b)])
-        model, dev, srv = self.server_model, set(self.client_names(cut)), set(self.server_names(cut))
+        model = self.split.server_model
+        dev, srv = set(self.split.client_names(cut)), set(self.trained_names(cut))
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         try:
             for n, p in model.named_parameters():
@@ -173,30 +222,29 @@ class SFLAM(SplitFedV1):
                             "range": float(h.detach().max() - h.detach().min())}
         return self.probes[cut]
 
-    def loads(self, cids: list[int]):
-        """Per-device work of a round (system/wireless.py `Loads`) for the allocation."""
-        import math
-
-        from hetfl.models.split import count
+    def loads(self, cids: list[int], cut: int | None = None):
+        """Per-device work of a round (system/wireless.py `Loads`) for the allocation, at each
+        device's own cut or, given `cut`, at that cut for all of them."""
         from hetfl.system.wireless import make_loads
 
         b, m = self.cfg.train.batch_size, self.mcfg
-        pr = [self.probe(self.cuts[c]) for c in cids]
-        elems = [b * self.cut_elems[self.cuts[c]] for c in cids]
+        cut_of = {c: self.cuts.of(c) if cut is None else cut for c in cids}
+        pr = [self.probe(cut_of[c]) for c in cids]
+        elems = [b * self.split.cut_elems[cut_of[c]] for c in cids]
         grad = [4 * e + 4 if m.grad_bits == 32 else math.ceil(e * m.grad_bits / 8) + 8 * self._groups(e) + 4
                 for e in elems]
         return make_loads([self.scenario.population.device(c) for c in cids], batches=self.cfg.train.local_steps,
                           device_flops=[p["device_flops"] for p in pr], server_flops=[p["server_flops"] for p in pr],
                           act_elems=elems, act_groups=[self._groups(e) for e in elems], up_extra_bytes=8 * b,
                           grad_bytes=grad, act_range=[p["range"] for p in pr],
-                          model_bytes=[4 * count(self.scenario.model, self.client_names(self.cuts[c])) for c in cids])
+                          model_bytes=[self.split.params_bytes(self.split.client_names(cut_of[c])) for c in cids])
 
     def _groups(self, elems: int) -> int:
         g = self.mcfg.group
         return -(-elems // g) if g else 1
 
     def allocate(self, rnd: int, cids: list[int]) -> None:
-        """Choose bits, server, bandwidth and power for `cids` (system/allocate.py)."""
+        """Choose bits, server, bandwidth and power (and, with `wireless.cuts`, the cut) for `cids`."""
         from hetfl.system.allocate import allocate
 
         w = self.cfg.wireless
@@ -215,35 +263,25 @@ class SFLAM(SplitFedV1):
             self.radio_of[c] = (float(alloc.bandwidth_hz[i]), float(alloc.power_w[i]), int(alloc.server[i]))
 
     def best_cut(self, cids: list[int]):
-        """Enumerate `wireless.cuts` (one cut for the cohort; a cut must leave the server a block
-        and fit every device's memory); keep the allocation with the lowest objective."""
+        """Enumerate `wireless.cuts` (one cut for the cohort; a cut must be valid for the cut owner
+        and fit every device's memory), keep the allocation with the lowest objective, and move
+        the cohort to its cut."""
         from hetfl.system.allocate import allocate
         from hetfl.system.memory import fits
 
         w, best, best_cut = self.cfg.wireless, None, None
         devices = [self.scenario.population.device(c) for c in cids]
         for cut in w.cuts:
-            self.layout.check_cut(cut, "wireless.cuts")
-            if not all(fits(self.client_memory(cut), d) for d in devices):
+            self.cuts.check(cut, "wireless.cuts")
+            if not all(fits(self.split.client_memory(cut), d) for d in devices):
                 continue
-            for c in cids:
-                self.cuts[c] = cut
-            a = allocate(w, self.channels.subset(cids), self.loads(cids), seed=self.cfg.seed)
+            a = allocate(w, self.channels.subset(cids), self.loads(cids, cut), seed=self.cfg.seed)
             if best is None or a.objective < best.objective:
                 best, best_cut = a, cut
         if best is None:
-            from hetfl.errors import ConfigError
-
             raise ConfigError(f"wireless.cuts: no cut in {list(w.cuts)} fits the memory of every device of the round")
-        for c in cids:
-            self.cuts[c] = best_cut
+        self.cuts.assign(cids, best_cut)
         return best
-
-    def client_row(self, cid: int) -> dict:
-        out = {"server": self.server_of[cid], "bits": self.bits[cid]}
-        if cid in self.radio_of:
-            out["bandwidth_hz"], out["power_w"] = self.radio_of[cid][0], self.radio_of[cid][1]
-        return out
 
     LAMBDAS = (0.0, 0.01, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
 
@@ -265,15 +303,5 @@ class SFLAM(SplitFedV1):
             return
         from pathlib import Path
 
-        rows = ["lambda,latency_s,energy_j"] + [f"{lam},{t},{e}" for lam, t, e in self.tradeoff(self.round_cids)]
+        rows = ["lambda,latency_s,energy_j"] + [f"{lam},{t},{e}" for lam, t, e in self.tradeoff(self.split.round_cids)]
         Path(out_dir, "tradeoff.csv").write_text("\n".join(rows) + "\n")
-
-    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
-        rep = super().report(state, rnd, cids)
-        rep.stats["bits_mean"] = sum(self.bits[c] for c in self.round_cids) / len(self.round_cids)
-        rep.stats["servers_used"] = sum(1 for c in self.served.values() if c)
-        rep.client_rows = {c: self.client_row(c) for c in cids}
-        rep.server_of = dict(self.server_of)
-        if self.cfg.wireless.enabled:  # bandwidth, power and server per client for the wireless cost model
-            rep.radio = {c: self.radio_of[c] for c in cids}
-        return rep

@@ -1,7 +1,13 @@
 """SplitFed V1 (Thapa et al., "SplitFed: When Federated Learning Meets Split Learning", AAAI
 2022): each client trains against its own server-side copy of body + tail (deep-copied from the
 global one at the start of the round, run in parallel in deployment); at round end the copies
-are averaged weighted by the clients' data sizes, and the client heads are FedAvg'd."""
+are averaged weighted by the clients' data sizes, and the client heads are FedAvg'd.
+
+Per local step (B samples, E activation elements per sample at the cut), fp32:
+    up   activations: B*E*4 bytes + B*8 (int64 labels) [+ B*4 int32 text lengths]
+    down grad_cut:    B*E*4 bytes + 4 (the fp32 batch loss, for the client's log)
+Per round the head goes down as values and comes up as deltas.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hetfl.engine.api import Message, ServerState
-from hetfl.methods.common import make_optimizer
-from hetfl.methods.split_common import SplitConfig, SplitFedBase
+from hetfl.config import Config
+from hetfl.engine.api import ClientContext, Message, Method, RoundReport, ServerState
+from hetfl.methods.split_common import (CutPoints, ServerCopies, SplitConfig, SplitExchange, splitfed_client_update,
+                                        splitfed_payload, splitfed_step)
 from hetfl.registry import register_method
 
 
@@ -21,32 +28,56 @@ class SplitFedV1Config(SplitConfig):
 
 
 @register_method("splitfed-v1", SplitFedV1Config, "SplitFed V1: one server-side copy per client, averaged per round")
-class SplitFedV1(SplitFedBase):
-    def begin_round(self, state: ServerState, rnd: int, cids: list[int]) -> None:
-        self.global_ = state["global"]
-        self.copies: dict[int, dict[str, torch.Tensor]] = {}  # cid -> its trained server copy
-        self.current, self.opt = None, None
+class SplitFedV1(Method):
+    calls_server = True
 
-    def server_model_for(self, cid: int) -> torch.optim.Optimizer:
-        if self.current != cid:  # a new client: park the previous copy, start from the global one
-            self._park()
-            names = self.server_names(self.cuts[cid])
-            params = dict(self.server_model.named_parameters())
-            with torch.no_grad():
-                for n in names:
-                    params[n].copy_(self.global_[n])
-            self.current, self.opt = cid, make_optimizer(self.train_server_part(names), self.cfg)
-        return self.opt
+    def __init__(self, cfg: Config, mcfg: SplitFedV1Config):
+        self.cfg, self.mcfg = cfg, mcfg
+        self.split = SplitExchange(cfg, mcfg.name, tail_on_client=False)  # the server runs body and tail
+        self.copies = ServerCopies(self.split, cfg)
 
-    def _park(self) -> None:
-        if self.current is not None:
-            params = dict(self.server_model.named_parameters())
-            self.copies[self.current] = {n: params[n].detach().clone()
-                                         for n in self.server_names(self.cuts[self.current])}
-            self.current = None
+    def setup(self, scenario) -> ServerState:
+        state = self.split.setup(scenario)
+        self.cuts = CutPoints(self.mcfg, self.split.layout.num_blocks, self.split.client_memory)
+        return state
 
-    def end_round(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> None:
-        self._park()
+    def plan(self, cid: int, device) -> tuple[dict, int]:
+        cut = self.cuts.plan(cid, device)
+        return {"cut": cut}, self.split.client_memory(cut)
 
-    def server_version(self, cid: int, name: str) -> torch.Tensor:
-        return self.copies[cid][name] if cid in self.copies else self.global_[name]
+    # -- server: one copy of body + tail per client ----------------------------------------------
+    def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
+        self.split.begin_round(state, cids, train=True)
+        self.copies.begin_round(state)
+        return self.split.model_messages(state, cids, self.cuts)
+
+    def server_call(self, rnd: int):
+        return self.split.handler(self.serve)
+
+    def serve(self, cid: int, kind: str, msg: Message) -> Message:
+        if kind != "activations":
+            raise ValueError(f"{self.mcfg.name} server: unknown message kind {kind!r}")
+        cut = self.cuts.of(cid)
+        return splitfed_step(self.split, cut, msg, self.copies.serving(cid, self.split.server_names(cut)))
+
+    # -- client: the head ----------------------------------------------------------------------
+    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
+        return splitfed_client_update(self.split, self.cuts, self.cfg, msg, ctx)
+
+    # -- aggregation: heads by FedAvg, server copies by their clients' data ---------------------
+    def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
+        if not replies:
+            return state
+        self.copies.park()
+        served = {cid: set(self.split.server_names(self.cuts.of(cid))) for cid in replies}
+        return self.split.aggregate(state, replies, self.mcfg.weighting,
+                                    lambda cid, n: self.copies.version(cid, n) if n in served[cid] else None)
+
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
+        return self.split.report(self.cuts)
+
+    def eval_model(self, state: ServerState) -> torch.nn.Module:
+        return self.split.eval_model(state)
+
+    def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
+        return splitfed_payload(self.split, self.cuts, self.cfg, cid, num_examples)

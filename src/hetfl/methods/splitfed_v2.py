@@ -5,6 +5,11 @@ heads are FedAvg'd at round end.
 Order: the server serves clients one after another in a seeded random order per round
 (`client_order`, drawn from (seed, round) only), so a V2 result depends on that order, as a
 deployment depends on arrival order, but never on the simulator's execution order.
+
+Per local step (B samples, E activation elements per sample at the cut), fp32:
+    up   activations: B*E*4 bytes + B*8 (int64 labels) [+ B*4 int32 text lengths]
+    down grad_cut:    B*E*4 bytes + 4 (the fp32 batch loss, for the client's log)
+Per round the head goes down as values and comes up as deltas.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from hetfl.engine.api import Message, ServerState
-from hetfl.seeding import generator
+from hetfl.config import Config
+from hetfl.engine.api import ClientContext, Message, Method, RoundReport, ServerState
 from hetfl.methods.common import make_optimizer
-from hetfl.methods.split_common import SplitConfig, SplitFedBase
+from hetfl.methods.split_common import (CutPoints, SplitConfig, SplitExchange, splitfed_client_update,
+                                        splitfed_payload, splitfed_step, trainable, turn_order)
 from hetfl.registry import register_method
 
 
@@ -26,62 +32,62 @@ class SplitFedV2Config(SplitConfig):
 
 
 @register_method("splitfed-v2", SplitFedV2Config, "SplitFed V2: one server-side model trained by clients in turn")
-class SplitFedV2(SplitFedBase):
+class SplitFedV2(Method):
+    calls_server = True
     schedule = "sequential"  # the server serves clients one after another: a round is their sum
 
+    def __init__(self, cfg: Config, mcfg: SplitFedV2Config):
+        self.cfg, self.mcfg = cfg, mcfg
+        self.split = SplitExchange(cfg, mcfg.name, tail_on_client=False)  # the server runs body and tail
+
+    def setup(self, scenario) -> ServerState:
+        state = self.split.setup(scenario)
+        self.cuts = CutPoints(self.mcfg, self.split.layout.num_blocks, self.split.client_memory)
+        return state
+
+    def plan(self, cid: int, device) -> tuple[dict, int]:
+        cut = self.cuts.plan(cid, device)
+        return {"cut": cut}, self.split.client_memory(cut)
+
+    # -- server: one body + tail, clients in turn -------------------------------------------------
     def client_order(self, rnd: int, cids: list[int]) -> list[int]:
-        """The order the server serves this round's clients in: a seeded permutation."""
-        perm = torch.randperm(len(cids), generator=generator(self.cfg.seed, rnd, "splitfed-v2-order"))
-        return [cids[i] for i in perm.tolist()]
-
-    def begin_round(self, state: ServerState, rnd: int, cids: list[int]) -> None:
-        names = set().union(*(self.server_names(self.cuts[c]) for c in cids))
-        self.opt = make_optimizer(self.train_server_part(names), self.cfg)  # one optimiser for the round
-        self.order: list[int] = []  # clients in the order the server served them
-
-    def server_model_for(self, cid: int) -> torch.optim.Optimizer:
-        if not self.order or self.order[-1] != cid:
-            self.order.append(cid)
-        return self.opt
-
-
-@dataclass(frozen=True)
-class VanillaSLConfig(SplitConfig):
-    name: str = "sl-vanilla"
-
-
-@register_method("sl-vanilla", VanillaSLConfig, "Vanilla split learning: clients in turn, the client part relayed")
-class VanillaSL(SplitFedV2):
-    """Vanilla (sequential) split learning (Gupta & Raskar 2018; the "SL" baseline of SplitFed):
-    one server model as in V2, and no averaging of client parts either: each client starts from
-    the part the previous client finished with, relayed through the server (a `model` message
-    down when its turn comes, a `handoff` up when it is done, both on the ledger)."""
-
-    def begin_round(self, state: ServerState, rnd: int, cids: list[int]) -> None:
-        super().begin_round(state, rnd, cids)
-        # the global client part is the last handoff of the previous round (see aggregate)
-        self.relay = {n: state["global"][n].clone() for n in self.layout.head(self.layout.num_blocks - 1)}
+        return turn_order(self.cfg.seed, rnd, cids)
 
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
-        super().configure(state, rnd, cids)
-        return {cid: Message(kind="turn") for cid in cids}  # the client part comes at its turn
+        self.split.begin_round(state, cids, train=True)
+        names = set().union(*(self.split.server_names(self.cuts.of(c)) for c in cids))
+        self.opt = make_optimizer(list(trainable(self.split.server_model, names).values()), self.cfg)  # one per round
+        self.order: list[int] = []  # clients in the order the server served them
+        return self.split.model_messages(state, cids, self.cuts)
+
+    def server_call(self, rnd: int):
+        return self.split.handler(self.serve)
 
     def serve(self, cid: int, kind: str, msg: Message) -> Message:
-        names = self.client_names(self.cuts[cid])
-        if kind == "fetch":
-            return Message({n: self.relay[n] for n in names}, kind="model")
-        if kind == "handoff":
-            self.relay.update({n: msg.tensors[n].clone() for n in names})
-            return Message(kind="ack")
-        return super().serve(cid, kind, msg)
+        if kind != "activations":
+            raise ValueError(f"{self.mcfg.name} server: unknown message kind {kind!r}")
+        if not self.order or self.order[-1] != cid:
+            self.order.append(cid)
+        return splitfed_step(self.split, self.cuts.of(cid), msg, self.opt)
 
-    def client_update(self, msg: Message, ctx) -> Message:
-        start = ctx.server.call("fetch", Message(kind="fetch"))
-        reply = super().client_update(start, ctx)
-        ctx.server.call("handoff", Message({n: start.tensors[n] + d for n, d in reply.tensors.items()}, kind="handoff"))
-        return Message({}, reply.meta)
+    # -- client: the head ----------------------------------------------------------------------
+    def client_update(self, msg: Message, ctx: ClientContext) -> Message:
+        return splitfed_client_update(self.split, self.cuts, self.cfg, msg, ctx)
 
+    # -- aggregation: heads by FedAvg, the server part as the server trained it -------------------
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
-        state = super().aggregate(state, rnd, replies)
-        state["global"].update({n: t.clone() for n, t in self.relay.items()})
-        return state
+        if not replies:
+            return state
+        server = dict(self.split.server_model.named_parameters())
+        served = {cid: set(self.split.server_names(self.cuts.of(cid))) for cid in replies}
+        return self.split.aggregate(state, replies, self.mcfg.weighting,
+                                    lambda cid, n: server[n].detach() if n in served[cid] else None)
+
+    def report(self, state: ServerState, rnd: int, cids: list[int]) -> RoundReport:
+        return self.split.report(self.cuts)
+
+    def eval_model(self, state: ServerState) -> torch.nn.Module:
+        return self.split.eval_model(state)
+
+    def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
+        return splitfed_payload(self.split, self.cuts, self.cfg, cid, num_examples)

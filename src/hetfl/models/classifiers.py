@@ -24,6 +24,8 @@ Shipped names (``model.name``):
   ``tiny-vit-random`` is the same architecture untrained. Attention Linear layers are
   ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``.
 - ``mlp``, ``cnn``: small image models (FLoRAL-style baselines) from a seed.
+- ``bow-mlp``: `BowClassifier`, a mean of hashed-word embeddings and a small MLP, from a seed
+  (``bbc-news-bow``; no tokenizer, and not staged: split methods do not cut it).
 """
 
 from __future__ import annotations
@@ -352,6 +354,46 @@ def load_text_classifier(name: str, num_labels: int, seed: int):
     model = TextClassifier(bert, num_labels, torch.Generator().manual_seed(seed))
     model.eval()
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- bag of words (text)
+
+BOW_DIM = 64  # embedding size of `BowClassifier`
+BOW_HIDDEN = 64
+
+
+class BowClassifier(nn.Module):
+    """EmbeddingBag mean over hashed word ids (0: padding) -> `hidden` (ReLU) -> `classifier`.
+
+    The embedding is not adapted by FLoRAL, like a language model's embeddings.
+    """
+
+    def __init__(self, num_labels: int, buckets: int, dim: int = BOW_DIM, hidden: int = BOW_HIDDEN):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(buckets, dim, mode="mean", padding_idx=0)
+        self.hidden = nn.Linear(dim, hidden)
+        self.classifier = nn.Linear(hidden, num_labels)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:  # {"input_ids": (B, T)} -> (B, C)
+        return self.classifier(torch.relu(self.hidden(self.embed(batch["input_ids"]))))
+
+    def head_param_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if n.startswith(f"{HEAD}.")]
+
+
+def build_bow_classifier(num_labels: int, buckets: int, seed: int) -> BowClassifier:
+    """A freshly initialised `BowClassifier` over `buckets` word ids, in eval mode.
+
+    Args:
+        num_labels: classes.
+        buckets: the hashed vocabulary size of the encoding (`hetfl.data.text.BOW_BUCKETS`).
+        seed: initialisation seed; the global torch RNG is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BowClassifier(num_labels, buckets)
+    model.eval()
+    return model
 
 
 # ----------------------------------------------------------------------------- by name

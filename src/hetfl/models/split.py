@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hetfl.errors import ConfigError
-
 
 @dataclass(frozen=True)
 class SplitLayout:
@@ -49,12 +47,6 @@ class SplitLayout:
     def body(self, cut: int) -> tuple[str, ...]:
         """Server-side part for cut `cut`: blocks `cut..L-1`."""
         return tuple(n for b in self.blocks[cut:] for n in b)
-
-    def check_cut(self, cut: int, key: str) -> None:
-        """Raise ConfigError (naming `key`) unless the server keeps at least one block."""
-        if not 0 <= cut < self.num_blocks:
-            raise ConfigError(f"{key}: cut {cut} is outside 0..{self.num_blocks - 1} "
-                              f"(the model has {self.num_blocks} blocks and the server keeps at least one)")
 
 
 def split_layout(model: nn.Module, probe: dict[str, Tensor]) -> SplitLayout:

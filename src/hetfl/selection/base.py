@@ -12,8 +12,6 @@ warning); a round in which every sampled client's selection is empty is an error
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
 from hetfl.config import SelectionConfig
 from hetfl.engine.api import ClientContext, Message
 
@@ -32,9 +30,19 @@ class RatioSelectionConfig(SelectionConfig):
             yield "batch_size", "must be >= 1"
 
 
-class Selector(Protocol):
-    def summarize(self, ctx: ClientContext) -> Message | None: ...
+class Selector:
+    """The contract of a data-selection stage; subclass it and fill in the three steps."""
 
-    def decide(self, rnd: int, summaries: dict[int, Message]) -> dict[int, Message]: ...
+    empty_hint: str = ""  # advice for a round whose coresets are all empty ("" for a generic one)
 
-    def apply(self, decision: Message | None, ctx: ClientContext) -> list[int]: ...
+    def summarize(self, ctx: ClientContext) -> Message | None:
+        """On the client: the upload the server decides from (None: nothing to send)."""
+        return None
+
+    def decide(self, rnd: int, summaries: dict[int, Message]) -> dict[int, Message]:
+        """On the server: a decision per client (clients left out get None)."""
+        return {}
+
+    def apply(self, decision: Message | None, ctx: ClientContext) -> list[int]:
+        """On the client: indices into `ctx.data` to train on this round."""
+        raise NotImplementedError

@@ -19,7 +19,7 @@ import torch
 from hetfl.engine.api import ClientContext, Message
 from hetfl.seeding import derive_seed
 from hetfl.registry import register_selector
-from hetfl.selection.base import RatioSelectionConfig
+from hetfl.selection.base import RatioSelectionConfig, Selector
 from hetfl.selection.features import client_features, one_thread
 
 NON_PRIVATE_WARNING = "selection coreset-central is a non-private reference: clients upload all sample features"
@@ -45,7 +45,7 @@ def kmeans_nearest(feats: np.ndarray, k: int, seed: int) -> list[int]:
 
 
 @register_selector("coreset-central", CoresetCentralConfig, "NON-PRIVATE reference: server k-means on all features")
-class CoresetCentral:
+class CoresetCentral(Selector):
     non_private = True  # read by reports/benchmarks to flag the row
 
     def __init__(self, cfg, scfg: CoresetCentralConfig):

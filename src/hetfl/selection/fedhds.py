@@ -30,6 +30,7 @@ from hetfl.engine.api import ClientContext, Message
 from hetfl.seeding import derive_seed
 from hetfl.registry import register_selector
 from hetfl.selection.features import client_features, one_thread, prompt_part, reduce_2d
+from hetfl.selection.base import Selector
 
 STASH = "fedhds.round"  # client-private: the round's 2-D points and groups, popped by `apply`
 
@@ -195,7 +196,7 @@ def retokenize(samples, src_tok, dst_tok) -> list[tuple[list[int], list[int]]]:
 # --------------------------------------------------------------------------- the stage
 
 
-class FedHDS:
+class FedHDS(Selector):
     """The selection stage; one object serves both sides in simulation (they share no state
     except the client-private `ctx.state[STASH]`, which never crosses the link)."""
 

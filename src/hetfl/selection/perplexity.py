@@ -15,7 +15,7 @@ import numpy as np
 from hetfl.engine.api import ClientContext, Message
 from hetfl.errors import ConfigError
 from hetfl.registry import register_selector
-from hetfl.selection.base import RatioSelectionConfig
+from hetfl.selection.base import RatioSelectionConfig, Selector
 from hetfl.selection.features import _is_token_sample, response_nll
 
 
@@ -35,7 +35,7 @@ def pick_by_score(scores: np.ndarray, ratio: float, direction: str) -> list[int]
 
 
 @register_selector("perplexity", PerplexityConfig, "keep each client's highest/lowest-perplexity samples")
-class PerplexitySelection:
+class PerplexitySelection(Selector):
     def __init__(self, cfg, scfg: PerplexityConfig):
         self.c = scfg
 

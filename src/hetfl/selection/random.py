@@ -9,6 +9,7 @@ import torch
 from hetfl.config import SelectionConfig
 from hetfl.engine.api import ClientContext, Message
 from hetfl.registry import register_selector
+from hetfl.selection.base import Selector
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class RandomSelectionConfig(SelectionConfig):
 
 
 @register_selector("random", RandomSelectionConfig, "uniform random subset of each client's data per round")
-class RandomSelection:
+class RandomSelection(Selector):
     def __init__(self, cfg, scfg: RandomSelectionConfig):
         self.ratio = scfg.ratio
 

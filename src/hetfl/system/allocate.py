@@ -49,11 +49,10 @@ import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 from scipy.special import lambertw
 
-from hetfl.config import WirelessConfig
 from hetfl.seeding import derive_seed
 from hetfl.errors import ConfigError
-from hetfl.system.wireless import (Channels, Loads, RoundCost, compute_energy, fixed_latency, noise_psd_w, round_cost,
-                                   round_upload_bits)
+from hetfl.system.wireless import (Channels, Loads, RoundCost, WirelessConfig, compute_energy, fixed_latency,
+                                   noise_psd_w, round_cost, round_upload_bits)
 
 LN2 = math.log(2.0)
 MODES = ("optimize", "equal-bandwidth", "max-power", "fixed-bits")

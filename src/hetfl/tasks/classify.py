@@ -6,12 +6,16 @@ A sample is ``(x, y)``: ``x`` is a token-id list (text) or a (C, H, W) float ten
 images ``{"pixel_values", "labels"}``. Models (see models/classifiers.py) take the batch dict and
 return logits (B, C).
 
-Registered datasets (``data.name``):
+Datasets (``data.name``; hetfl.builtins registers them):
 - ``bbc-news``: 2,225 BBC articles, 5 topics (models: ``minilm`` or a local BERT folder).
+- ``bbc-news-bow``: the same articles and held-out split, each encoded as its first
+  ``data.max_len`` hashed lowercase words (data/text.py `hash_words`), for ``bow-mlp``: a small
+  bag-of-words classifier that trains from scratch in seconds on two CPU cores (MiniLM, 22.7M
+  parameters, is too slow there for clustered benchmarks that train K copies per client).
 - ``digits``: scikit-learn's 1,797 8x8 digits upscaled to 32x32 (models: ``tiny-vit``,
   ``tiny-vit-random``, ``mlp``, ``cnn``).
 
-For both, ``data.eval_samples`` is the size of a stratified held-out test set (the server's
+For all, ``data.eval_samples`` is the size of a stratified held-out test set (the server's
 global evaluation), and ``data.samples_per_family`` caps the training samples kept *per class*
 (set it above the class sizes to keep everything).
 """
@@ -25,8 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hetfl.data.text import BOW_BUCKETS, encode_texts, hash_words, load_bbc_news
+from hetfl.data.vision import load_digits_images
+from hetfl.errors import ConfigError
 from hetfl.eval.metrics import EVAL_N
-from hetfl.tasks.base import batch_indices
+from hetfl.models.classifiers import (IMAGE_MODELS, TEXT_MODELS, build_bow_classifier, build_image_classifier,
+                                      load_text_classifier)
+from hetfl.seeding import derive_seed
+from hetfl.tasks.base import TaskData, batch_indices
 
 PAD_MULTIPLE = 16  # pad text batches to a multiple of this many tokens: few shapes -> few FLOP counts
 
@@ -141,9 +151,6 @@ def cap_per_class(idx: np.ndarray, labels: Sequence[int], cap: int, rng: np.rand
 
 
 def _split(cfg, labels: Sequence[int], what: str) -> tuple[np.ndarray, np.ndarray]:
-    from hetfl.seeding import derive_seed
-    from hetfl.errors import ConfigError
-
     n = len(labels)
     if cfg.data.eval_samples > n // 2:
         raise ConfigError(f"data.eval_samples: {cfg.data.eval_samples} held-out {what} leave too few for "
@@ -163,12 +170,6 @@ def build_bbc_news(cfg):
 
     Articles are tokenized and truncated to ``data.max_len`` tokens (title and lead survive).
     """
-    from hetfl.data.text import encode_texts, load_bbc_news
-    from hetfl.seeding import derive_seed
-    from hetfl.errors import ConfigError
-    from hetfl.models.classifiers import IMAGE_MODELS, TEXT_MODELS, load_text_classifier
-    from hetfl.scenario import TaskData
-
     if cfg.model.name in IMAGE_MODELS:
         raise ConfigError(f"model.name: '{cfg.model.name}' is an image model; bbc-news needs a text model "
                           f"({', '.join(TEXT_MODELS)} or a local BERT folder)")
@@ -182,14 +183,20 @@ def build_bbc_news(cfg):
     return TaskData(model, tok, task, samples[:len(train)], np.array([labels[i] for i in train]), topics)
 
 
+def build_bbc_news_bow(cfg):
+    """TaskData for BBC News topics with `bow-mlp` over the first ``data.max_len`` hashed words."""
+    if cfg.model.name != "bow-mlp":
+        raise ConfigError(f"model.name: bbc-news-bow trains 'bow-mlp', not '{cfg.model.name}'")
+    texts, labels, topics = load_bbc_news()
+    train, test = _split(cfg, labels, "articles")
+    model = build_bow_classifier(len(topics), BOW_BUCKETS, derive_seed(cfg.seed, "model-init") % 2**31)
+    samples = [(hash_words(texts[i], cfg.data.max_len), labels[i]) for i in np.concatenate([train, test])]
+    task = ClassifyTask(samples[len(train):], pad_id=0, eval_batch_size=cfg.eval.batch_size, num_classes=len(topics))
+    return TaskData(model, None, task, samples[:len(train)], np.array([labels[i] for i in train]), topics)
+
+
 def build_digits(cfg):
     """TaskData for scikit-learn digits (32x32, 10 classes) with an image classifier."""
-    from hetfl.data.vision import load_digits_images
-    from hetfl.seeding import derive_seed
-    from hetfl.errors import ConfigError
-    from hetfl.models.classifiers import IMAGE_MODELS, TEXT_MODELS, build_image_classifier
-    from hetfl.scenario import TaskData
-
     if cfg.model.name in TEXT_MODELS:
         raise ConfigError(f"model.name: '{cfg.model.name}' is a text model; digits needs an image model "
                           f"({', '.join(IMAGE_MODELS)})")
@@ -200,12 +207,3 @@ def build_digits(cfg):
                         num_classes=10)
     return TaskData(model, None, task, [(x[i], int(y[i])) for i in train], y[train].copy(), [str(d) for d in range(10)])
 
-
-def _register() -> None:
-    from hetfl.registry import DATASETS
-
-    DATASETS.add("bbc-news", build_bbc_news)
-    DATASETS.add("digits", build_digits)
-
-
-_register()

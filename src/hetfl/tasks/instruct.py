@@ -14,7 +14,7 @@ import torch
 
 from hetfl.data.instruct import IGNORE_INDEX, Example, collate, encode_examples, prompt_of
 from hetfl.eval.metrics import EVAL_N, exact_match, rouge_l_f1
-from hetfl.tasks.base import batch_indices
+from hetfl.tasks.base import TaskData, batch_indices
 
 Sample = tuple[list[int], list[int]]  # (input_ids, labels with -100 on the prompt)
 
@@ -196,7 +196,6 @@ def build_instruct(cfg):
 
     from hetfl.seeding import derive_seed
     from hetfl.models.builders import load_causal_lm
-    from hetfl.scenario import TaskData
 
     train, held = _instruction_examples(cfg)
     model, tok = load_causal_lm(cfg.model.name, seed=derive_seed(cfg.seed, "model-init") % 2**31)
@@ -205,12 +204,3 @@ def build_instruct(cfg):
     labels = np.array([categories.index(e.category) for e in train])
     return TaskData(model, tok, task, task.encode(train), labels, categories)
 
-
-def _register() -> None:
-    from hetfl.registry import DATASETS
-
-    DATASETS.add("synth-instruct", build_instruct)
-    DATASETS.add("instruct-file", build_instruct)
-
-
-_register()

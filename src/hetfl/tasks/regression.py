@@ -3,10 +3,10 @@
 A sample is ``(x, y)``: ``x`` a (d,) float tensor, ``y`` a (d_out,) float tensor. Batches are
 ``{"x": (B, d), "y": (B, d_out)}``; models take the batch dict and return (B, d_out).
 
-Registered datasets (``data.name``), from the FLoRAL spec (shared/spec/floral.md section 5),
-d = 10 inputs, clusters given by ``data.clusters`` (client i in cluster i mod C):
+Datasets (``data.name``; hetfl.builtins registers them), from the FLoRAL spec (shared/spec/floral.md
+section 5), d = 10 inputs, clusters given by ``data.clusters`` (client i in cluster i mod C):
 - ``synth-linear``: y = (x W_c + b)[:, :3] with W_c = W + 2 u_c v_c (a rank-1 shift per
-  cluster); model ``linear`` = Linear(10, 3).
+  cluster); model ``linear`` = Linear(10, 3) (models/regressors.py).
 - ``synth-mlp``: y = ReLU(x W_c + b) W_out; model ``mlp`` = Linear(10, 20)-ReLU-Linear(20, 1).
 
 W ~ N(0, 1/d), u_c ~ N(0, 1/d) (d x 1), v_c ~ N(0, 1) (1 x d), b ~ N(0, 1/d), W_out ~ N(0, 1/d)
@@ -25,8 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hetfl.errors import ConfigError
 from hetfl.eval.metrics import EVAL_N
-from hetfl.tasks.base import batch_indices
+from hetfl.models.regressors import build_regressor
+from hetfl.seeding import derive_seed
+from hetfl.tasks.base import TaskData, batch_indices
 
 SYNTH_DIM = 10  # input size of the synthetic tasks
 SYNTH_MODELS = {"synth-linear": "linear", "synth-mlp": "mlp"}  # dataset -> its model name
@@ -81,19 +84,6 @@ class RegressionTask:
         return {"eval_mse": sq / n, EVAL_N: n}
 
 
-class Regressor(nn.Module):
-    """Linear(d, d_out), or Linear(d, hidden)-ReLU-Linear(hidden, d_out) when hidden > 0."""
-
-    def __init__(self, d_in: int, d_out: int, hidden: int = 0):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden or d_out)
-        self.fc2 = nn.Linear(hidden, d_out) if hidden else None
-
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:  # {"x": (B, d)} -> (B, d_out)
-        h = self.fc1(batch["x"])
-        return h if self.fc2 is None else self.fc2(torch.relu(h))
-
-
 @dataclass(frozen=True)
 class SynthTeachers:
     """The generator's draws; `targets(x, c)` labels inputs as cluster c does."""
@@ -129,10 +119,6 @@ def draw_teachers(kind: str, clusters: int, gen: torch.Generator, d: int = SYNTH
 
 def build_synth(cfg):
     """TaskData for `synth-linear` / `synth-mlp` (see the module docstring)."""
-    from hetfl.seeding import derive_seed
-    from hetfl.errors import ConfigError
-    from hetfl.scenario import TaskData
-
     kind = cfg.data.name
     if cfg.model.name != SYNTH_MODELS[kind]:
         raise ConfigError(f"model.name: {kind} trains the '{SYNTH_MODELS[kind]}' regressor, not '{cfg.model.name}'")
@@ -143,21 +129,9 @@ def build_synth(cfg):
     n = cfg.population.num_clients * cfg.data.samples_per_family
     x = torch.randn(n, SYNTH_DIM, generator=gen)
     ex = torch.randn(cfg.data.eval_samples, SYNTH_DIM, generator=gen)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, "model-init") % 2**31)
-        model = Regressor(SYNTH_DIM, teachers.d_out, hidden=20 if kind == "synth-mlp" else 0)
-    model.eval()
+    model = build_regressor(cfg.model.name, SYNTH_DIM, teachers.d_out, derive_seed(cfg.seed, "model-init") % 2**31)
     placeholder = torch.zeros(teachers.d_out)  # targets are written per cluster after partitioning
     task = RegressionTask(list(zip(ex, teachers.targets(ex, 0))), eval_batch_size=cfg.eval.batch_size)
     return TaskData(model, None, task, [(x[i], placeholder) for i in range(n)], np.zeros(n, dtype=np.int64),
                     ["all"], cluster_transform=teachers.cluster_transform)
 
-
-def _register() -> None:
-    from hetfl.registry import DATASETS
-
-    DATASETS.add("synth-linear", build_synth)
-    DATASETS.add("synth-mlp", build_synth)
-
-
-_register()
