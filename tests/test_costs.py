@@ -16,7 +16,7 @@ from hetfl.runner import build_method
 from hetfl.scenario import build_scenario
 from hetfl.system.cost import Cost, WirelessCost, fixed_costs, round_time, served_at_once, server_time
 from hetfl.system.devices import DeviceProfile, ServerProfile, load_server
-from hetfl.system.wireless import WirelessConfig
+from hetfl.system.wireless import WirelessConfig, draw_channels
 from hetfl.track.rundir import RunDir
 
 torch.set_num_threads(1)
@@ -66,7 +66,7 @@ def test_round_time_sequential_is_the_sum():
 def test_wireless_cost_serves_sequential_clients_alone():
     """Two clients on one 1e9 FLOP/s server, 1e9 server FLOPs each: 2 s when served at once, 1 s in turn."""
     w = WirelessConfig(enabled=True, num_servers=1, down_rate_bps=1e6, server_flops_per_s=1e9)
-    wc = WirelessCost(w, 2, seed=0)
+    wc = WirelessCost(w, draw_channels(w, 2, seed=0))
     args = ([0, 1], {0: DEV, 1: DEV}, {0: 0.0, 1: 0.0}, {0: 0, 1: 0}, {0: 0, 1: 0}, {0: 1e9, 1: 1e9},
             {0: (1e6, 0.1, 0), 1: (1e6, 0.1, 0)})
     assert [c.t_server for c in wc.costs(*args).values()] == pytest.approx([2.0, 2.0])

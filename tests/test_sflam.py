@@ -102,9 +102,8 @@ def test_wireless_cost_of_a_client_by_hand():
     from hetfl.system.wireless import Channels, noise_psd_w
 
     w = WirelessConfig(enabled=True, num_servers=1, down_rate_bps=1e6, server_flops_per_s=1e9)
-    wc = WirelessCost(w, 1, seed=0)
     b, p = 1e6, 0.1
-    wc.channels = Channels(np.array([[100.0]]), np.array([[noise_psd_w(w) * b / p]]))
+    wc = WirelessCost(w, Channels(np.array([[100.0]]), np.array([[noise_psd_w(w) * b / p]])))
     dev = DeviceProfile(name="d", flops_per_s=1e9, mem_mb=1024, up_mbps=1, down_mbps=1, tx_power_w=0.2,
                         cpu_hz=1e9, kappa=1e-28)
     c = wc.costs([0], {0: dev}, {0: 2e9}, {0: 500_000}, {0: 250_000}, {0: 3e9}, {0: (b, p, 0)})[0]
@@ -199,3 +198,21 @@ def test_a_candidate_cut_the_model_cannot_take_names_wireless_cuts():
     cfg = sflam_cfg({}, clients=2, **{"wireless.enabled": "true", "wireless.cuts": "[0, 1]"})  # mlp: one block
     with pytest.raises(ConfigError, match=r"wireless\.cuts: cut 1 is outside 0\.\.0"):
         one_round(cfg)
+
+
+def test_the_channel_is_drawn_once_in_the_scenario_and_shared():
+    """The scenario draws the wireless channel once; SFLAM's allocation and the loop's cost model
+    use that one draw (the same gains as `draw_channels` from the run's seed)."""
+    import numpy as np
+
+    from hetfl.system.wireless import draw_channels
+
+    cfg = sflam_cfg(clients=4, **{"wireless.enabled": "true"})
+    sc = build_scenario(cfg)
+    m = build_method(cfg)
+    m.setup(sc)
+    assert m.channels is sc.channels
+    again = draw_channels(cfg.wireless, 4, seed=cfg.seed)
+    assert np.array_equal(sc.channels.gain, again.gain)
+    off = build_scenario(sflam_cfg(clients=4))
+    assert off.channels is None

@@ -56,6 +56,7 @@ class Scenario:
     # eval.split = validation, the client's validation share instead)
     client_clusters: list[int] | None = None  # per client: latent cluster id (data.clusters > 0)
     validation: list | None = None  # eval.split = validation: samples held out of the clients' training data
+    channels: Any = None  # wireless.enabled: the clients' channel gains to the edge servers, drawn once per run
 
     @property
     def num_clients(self) -> int:
@@ -119,8 +120,13 @@ def build_scenario(cfg: Config) -> Scenario:
         if client_test is not None:  # personalised scenarios: each client's own validation share
             client_test = validation
         validation = [x for v in validation for x in v]
+    channels = None
+    if cfg.wireless.enabled:  # one draw, which the cost model and a method's radio allocation share
+        from hetfl.system.wireless import draw_channels
+
+        channels = draw_channels(cfg.wireless, len(client_data), seed=cfg.seed)
     return Scenario(cfg, td.model, td.tokenizer, td.task, client_data, client_labels, td.categories, population,
-                    client_test, clusters, validation)
+                    client_test, clusters, validation, channels)
 
 
 def carve_validation(client_data: list[list], client_labels: list[list[int]], fraction: float, seed: int):

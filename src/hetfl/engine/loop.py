@@ -86,7 +86,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
     if cfg.wireless.enabled:
         from hetfl.system.cost import WirelessCost
 
-        wireless = WirelessCost(cfg.wireless, scenario.num_clients, cfg.seed)
+        wireless = WirelessCost(cfg.wireless, scenario.channels)
     if backend is None:
         backend = SimulatedBackend(scenario, method, link, order=order, selector=selector)
     else:

@@ -96,11 +96,10 @@ class SFLAM(Method):
         self.bits = {cid: self.mcfg.bits for cid in range(scenario.num_clients)}
         self.radio_of: dict[int, tuple[float, float, int]] = {}
         self.probes: dict[int, dict[str, float]] = {}
-        if w.enabled:  # the same channel draw as the loop's cost model (seeded by the run's seed)
+        if w.enabled:  # the scenario's one channel draw, which the loop's cost model uses too
             from hetfl.system.allocate import initial_servers
-            from hetfl.system.wireless import draw_channels
 
-            self.channels = draw_channels(w, scenario.num_clients, seed=self.cfg.seed)
+            self.channels = scenario.channels
             self.server_of = {c: int(s) for c, s in enumerate(initial_servers(w, self.channels, self.cfg.seed))}
         return state
 

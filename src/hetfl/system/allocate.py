@@ -96,12 +96,6 @@ class Allocation:
     def energy_j(self) -> np.ndarray:
         return self.cost.energy
 
-    def codec_names(self, group: int | None = None, stochastic: bool = True) -> list[str]:
-        """Codec name per device for `Link.set_codec`: sq<q> / sq<q>g<G> (rq.. if not stochastic), fp32 at 32."""
-        prefix = "sq" if stochastic else "rq"
-        suffix = f"g{group}" if group is not None else ""
-        return ["fp32" if q >= 32 else f"{prefix}{int(q)}{suffix}" for q in self.bits]
-
     def rows(self, cids: Sequence[int] | None = None) -> list[dict]:
         """One dict per device for clients.csv: client, server, bits, bandwidth, power, rates, latency, energy."""
         cids = range(len(self.bits)) if cids is None else cids

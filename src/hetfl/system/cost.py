@@ -198,8 +198,8 @@ class WirelessCost:
     (path loss + shadowing, drawn once per run from the seed); the downlink is an equal share
     of its server's band (or `down_rate_bps`); server compute is the server's FLOP/s shared
     equally by the clients it serves this round. Bytes and FLOPs are the measured ones (ledger,
-    FlopCounterMode). A method that allocates radio resources provides
-    `radio(rnd, cids) -> {cid: (bandwidth_hz, power_w, server)}`; any other method gets an equal
+    FlopCounterMode). A method that allocates radio resources reports
+    `{cid: (bandwidth_hz, power_w, server)}` (`RoundReport.radio`); any other method gets an equal
     share of its nearest server's band at full power, so every method is costed alike.
 
         t_comp = flops / flops_per_s          e_comp = kappa f^2 (t_comp f)
@@ -207,11 +207,9 @@ class WirelessCost:
         t_down = 8 bytes_down / r_down        t_server = server_flops * n_s / server_flops_per_s
     """
 
-    def __init__(self, wcfg, num_clients: int, seed: int):
-        from hetfl.system.wireless import draw_channels
-
+    def __init__(self, wcfg, channels):
         self.cfg = wcfg
-        self.channels = draw_channels(wcfg, num_clients, seed=seed)
+        self.channels = channels  # the scenario's one draw (`Scenario.channels`)
 
     def default_radio(self, cids: list[int]) -> dict[int, tuple[float, float, int]]:
         """Nearest server, an equal share of its band, full power."""
