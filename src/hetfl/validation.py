@@ -98,13 +98,12 @@ def split_rules(cfg: "Config", facts: "ModelFacts") -> Iterator[Problem]:
                               f"classifier (tiny-vit, tiny-vit-random, minilm, mlp, cnn); model {facts.name} is a "
                               f"{facts.kind}")
         return
+    from hetfl.models.split import cut_problem
+
     depth = facts.depth
 
     def outside(c: int) -> str | None:
-        if 0 <= c < depth:
-            return None
-        return (f"cut {c} is outside 0..{depth - 1} (model {facts.name} has {depth} block{'s' * (depth != 1)} and "
-                "the server keeps at least one)")
+        return cut_problem(c, depth, f"model {facts.name}")
 
     cut = getattr(m, "cut", "auto")
     if isinstance(cut, int) and outside(cut):

@@ -40,7 +40,8 @@ from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, R
 from hetfl.engine.split import ServerMeter
 from hetfl.errors import ConfigError
 from hetfl.methods.common import make_optimizer, optimizer_state_factor, reply_meta_nbytes
-from hetfl.models.split import SplitLayout, body_forward, count, head_forward, lengths_to_mask, split_layout
+from hetfl.models.split import (SplitLayout, body_forward, count, cut_problem, head_forward, lengths_to_mask,
+                               split_layout)
 from hetfl.seeding import generator
 
 T = TypeVar("T")
@@ -107,9 +108,9 @@ class CutPoints:
 
     def check(self, cut: int, key: str) -> int:
         """`cut` if the server keeps at least one block, else ConfigError naming `key`."""
-        if not 0 <= cut < self.num_blocks:
-            raise ConfigError(f"{key}: cut {cut} is outside 0..{self.num_blocks - 1} "
-                              f"(the model has {self.num_blocks} blocks and the server keeps at least one)")
+        problem = cut_problem(cut, self.num_blocks)
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
         return cut
 
     def plan(self, cid: int, device) -> int:

@@ -107,3 +107,11 @@ def count(model: nn.Module, names: tuple[str, ...]) -> int:
     """Number of elements in the named parameters."""
     params = dict(model.named_parameters())
     return sum(params[n].numel() for n in names)
+
+
+def cut_problem(cut: int, depth: int, model: str = "the model") -> str | None:
+    """Why `cut` is no valid cut of a `depth`-block model (the server keeps at least one block),
+    or None. The one rule that config validation and the methods' cut owner both apply."""
+    if 0 <= cut < depth:
+        return None
+    return f"cut {cut} is outside 0..{depth - 1} ({model} has {depth} block{'s' * (depth != 1)} and the server keeps at least one)"
