@@ -203,3 +203,9 @@ def reply_meta_nbytes(num_examples: int, **extra) -> int:
 
 
 TYPICAL_LOSS = 0.6302052140235901  # a float whose repr has 18 characters, like most losses
+
+
+def mirrored_payload(nbytes: int, num_examples: int, **meta) -> tuple[int, int]:
+    """(down, up) of a method whose reply carries the same tensors as its download (`nbytes`) plus
+    the reply's metadata; a client with no data to train on (`num_examples` 0) sends nothing."""
+    return nbytes, (nbytes + reply_meta_nbytes(num_examples, **meta) if num_examples else 0)

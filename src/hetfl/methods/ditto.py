@@ -15,7 +15,7 @@ import torch
 
 from hetfl.engine.api import ClientContext, Message, Method, ServerState
 from hetfl.methods.common import (FP32, AvgConfig, ServerOptimizer, copy_into, estimate_memory, fp32_nbytes,
-                                  make_optimizer, mean_delta, reply_meta_nbytes, train_delta)
+                                  make_optimizer, mean_delta, mirrored_payload, train_delta)
 from hetfl.registry import register_method
 
 
@@ -71,7 +71,7 @@ class Ditto(Method):
     def payload(self, state: ServerState, rnd: int, cid: int, num_examples: int) -> tuple[int, int]:
         """Every weight in fp32 each way (the personal model stays home), plus the reply's metadata."""
         n = fp32_nbytes(all_weights(self.scenario.model).values())
-        return n, (n + reply_meta_nbytes(num_examples) if num_examples else 0)
+        return mirrored_payload(n, num_examples)
 
     # -- client: the global model's local steps, then the personal model's ----------------
     def load(self, msg: Message, ctx: ClientContext) -> None:

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from hetfl.engine.api import ClientContext, Message, Method, RoundReport, ServerState
-from hetfl.methods.common import ServerOptimizer, fp32_nbytes, reply_meta_nbytes
+from hetfl.methods.common import ServerOptimizer, fp32_nbytes, mirrored_payload
 from hetfl.methods.hetrank import (RANK, HetRankConfig, RankBudget, aggregate_head, client_weights, factor_keys,
                                    factor_nbytes, head_state, index_dtype, inject_global_lora, load_factors,
                                    load_global, load_head, local_scale, rank_reply, rank_report, record_ranks,
@@ -103,7 +103,7 @@ class FSLoRA(Method):
         k = state["rank"][cid]
         index = len(self.modules) * k * index_dtype(self.r).itemsize
         n = factor_nbytes(k, self.units) + index + fp32_nbytes(state["head"].values())
-        return n, (n + reply_meta_nbytes(num_examples, **{RANK: k}) if num_examples else 0)
+        return mirrored_payload(n, num_examples, **{RANK: k})
 
     # -- client -------------------------------------------------------------------------
     def load(self, msg: Message, ctx: ClientContext) -> None:
