@@ -61,8 +61,7 @@ class FedV(Method):
         return state
 
     def plan(self, cid: int, device) -> tuple[dict, int]:
-        cut = self.cuts.plan(cid, device)
-        return {"cut": cut}, self.split.client_memory(cut)
+        return self.cuts.knobs(cid, device)
 
     def uploaded(self, cut: int) -> tuple[str, ...]:
         """What a client sends up: its whole part, or its head only when tails are personal."""

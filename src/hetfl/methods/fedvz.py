@@ -106,9 +106,9 @@ class FedVZ(Method):
         return state
 
     def plan(self, cid: int, device) -> tuple[dict, int]:
-        cut = self.cuts.plan(cid, device)
-        extra = (self.reps - 1) * self.cfg.train.batch_size * self.split.cut_elems[cut] * 4 * 2  # stacks out and back
-        return {"cut": cut}, self.split.client_memory(cut) + extra
+        knobs, mem = self.cuts.knobs(cid, device)
+        extra = (self.reps - 1) * self.cfg.train.batch_size * self.split.cut_elems[knobs["cut"]] * 4 * 2  # stacks out and back
+        return knobs, mem + extra
 
     # -- server: a black-box forward ----------------------------------------------------------
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:

@@ -104,8 +104,7 @@ class SFLAM(Method):
         return state
 
     def plan(self, cid: int, device) -> tuple[dict, int]:
-        cut = self.cuts.plan(cid, device)
-        return {"cut": cut}, self.split.client_memory(cut)
+        return self.cuts.knobs(cid, device)
 
     def trained_names(self, cut: int) -> tuple[str, ...]:
         """The server-side parameters that train (the rest of the server part stays frozen)."""

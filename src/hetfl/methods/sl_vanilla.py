@@ -46,8 +46,7 @@ class VanillaSL(Method):
         return state
 
     def plan(self, cid: int, device) -> tuple[dict, int]:
-        cut = self.cuts.plan(cid, device)
-        return {"cut": cut}, self.split.client_memory(cut)
+        return self.cuts.knobs(cid, device)
 
     # -- server: one body + tail, and the relayed client part -----------------------------------
     def client_order(self, rnd: int, cids: list[int]) -> list[int]:

@@ -106,6 +106,11 @@ class CutPoints:
         self.mcfg, self.num_blocks, self.memory, self.travels = mcfg, num_blocks, memory, travels
         self._cut: dict[int, int] = {}
 
+    def knobs(self, cid: int, device) -> tuple[dict, int]:
+        """`Method.plan` of a split method: client `cid`'s knobs {"cut": c} and its training bytes."""
+        cut = self.plan(cid, device)
+        return {"cut": cut}, self.memory(cut)
+
     def check(self, cut: int, key: str) -> int:
         """`cut` if the server keeps at least one block, else ConfigError naming `key`."""
         problem = cut_problem(cut, self.num_blocks)

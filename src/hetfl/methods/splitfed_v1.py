@@ -42,8 +42,7 @@ class SplitFedV1(Method):
         return state
 
     def plan(self, cid: int, device) -> tuple[dict, int]:
-        cut = self.cuts.plan(cid, device)
-        return {"cut": cut}, self.split.client_memory(cut)
+        return self.cuts.knobs(cid, device)
 
     # -- server: one copy of body + tail per client ----------------------------------------------
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
