@@ -12,6 +12,9 @@ seeds. Verdicts come from paired differences across seeds (95% t-interval):
                 the claim's side condition; `does not hold` if one interval is entirely below 0.
 - close:        the interval lies inside (-margin, +margin); `does not hold` if it lies outside.
 - far-above:    the interval's lower end is above +margin; `does not hold` if its upper end is below.
+- gain:         the claimed method's final score minus its own round-0 score (the untuned base model)
+                on the same seed: `holds` if the interval is above +margin, `does not hold` if it is
+                below it (no baselines).
 - cheaper:      latency and energy per round both lower (intervals below 0) and accuracy within
                 (-margin, +margin); `does not hold` if either cost is higher or accuracy is worse.
 Anything else is `undecided`, with an estimate of the seeds that would decide at the observed spread.
@@ -47,7 +50,7 @@ class Claim:
     preset: str
     method: tuple[str, list[str]]  # (label, overrides) of the claimed method
     baselines: list[tuple[str, list[str]]]
-    rule: str  # above | at-or-above | close | far-above | cheaper
+    rule: str  # above | at-or-above | close | far-above | gain | cheaper
     metric: str  # quality metric column of runs.csv
     margin: float = 1.0  # points (non-inferiority, equivalence, "far")
     side: str = ""  # side condition: "memory" (client memory below every baseline's) or "data<1.5%"
@@ -73,6 +76,12 @@ CLAIMS = [
     Claim("fedhds", "FedHDS at or above full-data FedIT with under 1.5% of the data (Rouge-L +6.8% avg over FedIT)",
           "fedhds-dolly05", ("fedhds", ["selection.name=fedhds"]), [("fedit-full", ["selection.name=none"])],
           "at-or-above", "eval_rougeL", side="data<1.5%", quick=["rounds=4"]),
+    Claim("tuning", "Federated instruction tuning teaches new tasks above the base model (the papers' starting "
+          "point: an instruction-following base; FedIT/FedHDS report Rouge-L gains over it)", "fedit-instruct",
+          ("fedit", ["method.name=fedit", "rounds=24"]), [], "gain", "eval_rougeL", margin=0.0),
+    Claim("tuning-smollm2", "The same on the real-model tier, SmolLM2-135M-Instruct (one round)",
+          "fedit-instruct-smollm2", ("fedit", ["method.name=fedit", "rounds=1"]), [], "gain", "eval_rougeL",
+          margin=0.0),
     Claim("sflam", "SFLAM below fixed allocations in latency and energy at equal accuracy (qualitative)",
           "sflam-vision", ("sflam", ["method.name=sflam"]),
           [("sflam-fixed", ["method.name=sflam", "wireless.mode=fixed"])], "cheaper", "eval_accuracy",
@@ -109,6 +118,15 @@ def judge(c: Claim, runs) -> tuple[str, str]:
     """(verdict, note) for claim `c` from the per-seed runs."""
     me = c.method[0]
     notes, verdicts = [], []
+    if c.rule == "gain":
+        d = [float(runs[me][s][c.metric]) - float(runs[me][s]["base_" + c.metric]) for s in sorted(runs[me])]
+        m, h = mean_ci(d)
+        notes.append(f"gain over the base model {m:+.2f} ± {h:.2f}")
+        if m - h > c.margin:
+            return "holds", "; ".join(notes)
+        if m + h < c.margin:
+            return "does not hold", "; ".join(notes)
+        return "undecided", "; ".join([*notes, seeds_to_decide(d, c.margin)])
     for b, _ in c.baselines:
         d = diffs(runs, me, b, c.metric)
         m, h = mean_ci(d)
@@ -165,6 +183,9 @@ def fmt_ours(c: Claim, runs) -> str:
         vals = [float(runs[label][s][c.metric]) for s in sorted(runs[label])]
         m, h = mean_ci(vals)
         parts.append(f"{label} {m:.1f} ± {h:.1f}")
+    if c.rule == "gain":
+        m, h = mean_ci([float(r["base_" + c.metric]) for _, r in sorted(runs[c.method[0]].items())])
+        parts.append(f"base model {m:.1f} ± {h:.1f}")
     return ", ".join(parts) + f" ({c.metric.removeprefix('eval_')}, n={len(vals)})"
 
 
@@ -220,16 +241,21 @@ def main() -> int:
         compare(entries, out, seeds_arg=args.seeds, force=not args.resume, resume=args.resume, tune_grid=grid,
                 tune_metric=c.metric if c.metric.startswith("eval_client_") else None, jobs=args.jobs)
         runs = read_runs(out / "runs.csv")
-        if c.side == "data<1.5%":  # mean per-round data fraction of every run, from its metrics
-            from hetfl.track.rundir import read_metrics
+        from hetfl.track.rundir import read_metrics
 
+        if c.rule == "gain":  # each run's round-0 evaluation is its untuned base model
+            for label in runs:
+                for s, r in runs[label].items():
+                    h = read_metrics(out / label / f"seed-{s}" / "metrics.jsonl")
+                    r["base_" + c.metric] = str(next(m[c.metric] for m in h if m["round"] == 0))
+        if c.side == "data<1.5%":  # mean per-round data fraction of every run, from its metrics
             for label in runs:
                 for s, r in runs[label].items():
                     h = [m["data_fraction"] for m in read_metrics(out / label / f"seed-{s}" / "metrics.jsonl")
                          if "data_fraction" in m]
                     r["data_fraction_mean"] = str(sum(h) / len(h)) if h else ""
         verdict, note = judge(c, runs)
-        tuned = ""
+        tuned = "" if grid else f"untuned: the preset's train.lr {base_lr:g}"
         if grid and (out / "tuned.yaml").is_file():
             import yaml
 
