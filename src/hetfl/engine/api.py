@@ -144,6 +144,7 @@ class Method:
     load                      on a client before data selection (`supports_selection` only)
     client_update             on a client: local training, returns the upload
     client_steps / barrier    instead of client_update under `schedule = "lockstep"`
+    expected_reply            on the server, per reply: the tensors it must carry (reply checks)
     aggregate                 on the server, on every reply of the round
     report                    after aggregate: the round's method numbers and per-client rows
     observe                   after costing: each sampled client's measured cost
@@ -162,11 +163,14 @@ class Method:
     - `calls_server`: the client calls the server once per batch (`ctx.server.call`, split learning).
     - `supports_selection`: `load` puts the client's starting model in place, so a data-selection
       stage (`selection.name`) can run on it.
+    - `robust_aggregation`: `aggregate` averages updates through the helpers that honour
+      `server.aggregator` (median, trimmed mean, norm clipping; engine/robust.py).
     """
 
     schedule: ClassVar[Schedule] = "parallel"
     calls_server: ClassVar[bool] = False
     supports_selection: ClassVar[bool] = False
+    robust_aggregation: ClassVar[bool] = False
 
     def setup(self, scenario: "Scenario") -> ServerState:
         """Required. Prepare the scenario's model and return the initial server state."""
@@ -210,6 +214,16 @@ class Method:
 
     def barrier(self, rnd: int, k: int) -> None:
         """`schedule = "lockstep"`: every client of the round has finished local step `k`."""
+
+    def expected_reply(self, down: Message, knobs: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+        """The names and shapes of the tensors a client's reply must carry, known from the message
+        it downloaded and its knobs; the server rejects a reply that differs (engine/robust.py
+        `check_reply`; finiteness is checked whatever this returns). None: no key or shape check.
+
+        Split methods keep None: what a client holds follows its cut (which `CutPoints` may move),
+        and most of what it sends crosses in per-batch server calls, which no reply check sees.
+        """
+        return None
 
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         """Required. Fold the round's replies (client-id order) into the server state."""

@@ -12,8 +12,9 @@ from typing import Iterable, Literal
 
 import torch
 
-from hetfl.config import Config, MethodConfig
+from hetfl.config import Config, MethodConfig, ServerConfig
 from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, ServerState, iter_sorted
+from hetfl.engine.robust import ORDER_RULES, clip_replies, combine
 from hetfl.models.lora import inject_lora
 from hetfl.seeding import derive_seed
 
@@ -173,10 +174,27 @@ def train_delta(msg: Message, ctx: ClientContext, params: dict[str, torch.nn.Par
     return Message(delta, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss}, kind="update")
 
 
-def mean_delta(replies: dict[int, Message], weighting: str) -> dict[str, torch.Tensor]:
-    """The example-weighted (or uniform) mean of the replies' deltas, summed in client-id order."""
+def mean_delta(replies: dict[int, Message], weighting: str,
+               server: ServerConfig | None = None) -> dict[str, torch.Tensor]:
+    """The example-weighted (or uniform) mean of the replies' deltas, summed in client-id order.
+
+    Args:
+        replies: the round's replies, each a delta per tensor name (the same names in all).
+        weighting: ``examples`` (n_i / sum n) or ``uniform``.
+        server: the run's `server:` section; its `aggregator` (engine/robust.py) replaces the mean
+            by a coordinate-wise median or trimmed mean, or clips each delta's norm first. None
+            or ``mean``: the plain weighted mean.
+    """
+    rule = "mean" if server is None else server.aggregator
+    if rule == "norm-clip":
+        replies = clip_replies(replies, server.clip_norm)
     w = {cid: (m.meta[NUM_EXAMPLES] if weighting == "examples" else 1.0) for cid, m in replies.items()}
     total = float(sum(w.values()))
+    if rule in ORDER_RULES:
+        cids = sorted(replies)
+        weights = torch.tensor([w[c] / total for c in cids])  # (P,)
+        return {k: combine(torch.stack([replies[c].tensors[k] for c in cids]), weights, rule, server.trim_beta)
+                for k in replies[cids[0]].tensors}  # (P, ...) -> (...)
     mean: dict[str, torch.Tensor] = {}
     for cid, m in iter_sorted(replies):
         for k, d in m.tensors.items():
@@ -209,3 +227,9 @@ def mirrored_payload(nbytes: int, num_examples: int, **meta) -> tuple[int, int]:
     """(down, up) of a method whose reply carries the same tensors as its download (`nbytes`) plus
     the reply's metadata; a client with no data to train on (`num_examples` 0) sends nothing."""
     return nbytes, (nbytes + reply_meta_nbytes(num_examples, **meta) if num_examples else 0)
+
+
+def mirrored_reply(down: Message) -> dict[str, tuple[int, ...]]:
+    """`Method.expected_reply` of a method whose reply carries the same tensors as its download
+    (the deltas, or the trained values, of exactly what came down): their names and shapes."""
+    return {k: tuple(t.shape) for k, t in down.tensors.items()}

@@ -14,7 +14,7 @@ import torch
 
 from hetfl.engine.api import ClientContext, Message, Method, ServerState
 from hetfl.methods.common import (AvgConfig, ServerOptimizer, copy_into, estimate_memory, fp32_nbytes, mean_delta,
-                                  mirrored_payload, train_delta)
+                                  mirrored_payload, mirrored_reply, train_delta)
 from hetfl.registry import register_method
 
 
@@ -31,6 +31,7 @@ def all_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 @register_method("fedavg-full", FedAvgFullConfig, "FedAvg full fine-tuning (every weight trains and travels)")
 class FedAvgFull(Method):
     supports_selection = True  # `load` puts the whole global model on the client: data selection can run
+    robust_aggregation = True  # `aggregate` averages through mean_delta, which honours server.aggregator
 
     def __init__(self, cfg, mcfg: FedAvgFullConfig):
         self.cfg, self.mcfg = cfg, mcfg
@@ -50,9 +51,13 @@ class FedAvgFull(Method):
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
         return {cid: Message(dict(state["global"]), kind="model") for cid in cids}
 
+    def expected_reply(self, down: Message, knobs: dict) -> dict[str, tuple[int, ...]]:
+        """A delta of every tensor that came down."""
+        return mirrored_reply(down)
+
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         if replies:  # else every sampled client skipped (e.g. empty coresets)
-            self.server_opt.step(state, "global", mean_delta(replies, self.mcfg.weighting))
+            self.server_opt.step(state, "global", mean_delta(replies, self.mcfg.weighting, self.cfg.server))
         return state
 
     def eval_model(self, state: ServerState) -> torch.nn.Module:

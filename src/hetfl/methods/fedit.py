@@ -14,7 +14,8 @@ import torch
 
 from hetfl.engine.api import ClientContext, Message, Method, ServerState
 from hetfl.methods.common import (AvgConfig, ServerOptimizer, copy_into, estimate_memory, fp32_nbytes,
-                                  inject_run_lora, lora_and_head, mean_delta, mirrored_payload, train_delta)
+                                  inject_run_lora, lora_and_head, mean_delta, mirrored_payload, mirrored_reply,
+                                  train_delta)
 from hetfl.registry import register_method
 
 
@@ -26,6 +27,7 @@ class FedITConfig(AvgConfig):
 @register_method("fedit", FedITConfig, "FedAvg over a homogeneous LoRA adapter (FedIT)")
 class FedIT(Method):
     supports_selection = True  # `load` puts the whole global model on the client: data selection can run
+    robust_aggregation = True  # `aggregate` averages through mean_delta, which honours server.aggregator
 
     def __init__(self, cfg, mcfg: FedITConfig):
         self.cfg, self.mcfg = cfg, mcfg
@@ -50,9 +52,13 @@ class FedIT(Method):
     def configure(self, state: ServerState, rnd: int, cids: list[int]) -> dict[int, Message]:
         return {cid: Message(dict(state["global"]), kind="model") for cid in cids}
 
+    def expected_reply(self, down: Message, knobs: dict) -> dict[str, tuple[int, ...]]:
+        """A delta of every tensor that came down."""
+        return mirrored_reply(down)
+
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         if replies:  # else every sampled client skipped (e.g. empty coresets)
-            self.server_opt.step(state, "global", mean_delta(replies, self.mcfg.weighting))
+            self.server_opt.step(state, "global", mean_delta(replies, self.mcfg.weighting, self.cfg.server))
         return state
 
     def eval_model(self, state: ServerState) -> torch.nn.Module:

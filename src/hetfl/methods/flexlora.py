@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hetfl.engine.api import ClientContext, Message, Method, RoundReport, ServerState, iter_sorted
-from hetfl.methods.common import ServerOptimizer, fp32_nbytes, mirrored_payload
+from hetfl.methods.common import ServerOptimizer, fp32_nbytes, mirrored_payload, mirrored_reply
 from hetfl.methods.hetrank import (RANK, HetRankConfig, RankBudget, aggregate_head, client_weights, factor_keys,
                                    factor_nbytes, head_state, inject_global_lora, load_factors, load_global,
                                    load_head, local_scale, rank_reply, rank_report, record_ranks, slice_factors,
@@ -89,6 +89,10 @@ class FlexLoRA(Method):
         for msg in down.values():
             msg.tensors.update(state["head"])
         return down
+
+    def expected_reply(self, down: Message, knobs: dict) -> dict[str, tuple[int, ...]]:
+        """The trained rank-k factors (the shapes that came down) and the head's deltas."""
+        return mirrored_reply(down)
 
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         w = client_weights(replies, self.mcfg.weighting)

@@ -82,6 +82,17 @@ class FloraStack(Method):
             msg.tensors.update(state["head"])
         return down
 
+    def expected_reply(self, down: Message, knobs: dict) -> dict[str, tuple[int, ...]]:
+        """Per adapted module (whose merged weight (out, in) came down) the trained rank-k factors
+        A (k, in) and B (out, k), k the rank sent with the model; the head's deltas."""
+        k = int(down.meta[RANK])
+        shapes = {n: tuple(down.tensors[n].shape) for n in self.head}
+        for mod in self.modules:
+            out, inp = down.tensors[weight_key(mod)].shape
+            a, b = factor_keys(mod)
+            shapes[a], shapes[b] = (k, inp), (out, k)
+        return shapes
+
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         w = client_weights(replies, self.mcfg.weighting)
         merge, flops = {}, 0.0

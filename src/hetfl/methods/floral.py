@@ -147,6 +147,11 @@ class FloralMethod(Method):
         tensors.update(self.router.finish(ctx.state, logits))
         return Message(tensors, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss})
 
+    def expected_reply(self, down: Message, knobs: dict) -> dict[str, tuple[int, ...]]:
+        """The deltas of the base and the K adaptors that came down; the K logits when K > 1."""
+        shapes = {n: tuple(t.shape) for n, t in down.tensors.items() if n != LOGITS}
+        return {**shapes, LOGITS: (self.k,)} if self.k > 1 else shapes
+
     # -- aggregation -------------------------------------------------------------------------
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         if not replies:

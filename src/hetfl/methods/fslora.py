@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from hetfl.engine.api import ClientContext, Message, Method, RoundReport, ServerState
-from hetfl.methods.common import ServerOptimizer, fp32_nbytes, mirrored_payload
+from hetfl.methods.common import ServerOptimizer, fp32_nbytes, mirrored_payload, mirrored_reply
 from hetfl.methods.hetrank import (RANK, HetRankConfig, RankBudget, aggregate_head, client_weights, factor_keys,
                                    factor_nbytes, head_state, index_dtype, inject_global_lora, load_factors,
                                    load_global, load_head, local_scale, rank_reply, rank_report, record_ranks,
@@ -43,6 +43,7 @@ class FSLoRAConfig(HetRankConfig):
 @register_method("fslora", FSLoRAConfig, "FSLoRA: random-k sketches of a high-rank global LoRA (heterogeneous k_i)")
 class FSLoRA(Method):
     supports_selection = True  # `load` puts the client's rank-k model in place: data selection can run
+    robust_aggregation = True  # `aggregate` averages through scatter_mean / aggregate_head (server.aggregator)
 
     def __init__(self, cfg, mcfg: FSLoRAConfig):
         self.cfg, self.mcfg = cfg, mcfg
@@ -82,10 +83,14 @@ class FSLoRA(Method):
             msg.tensors.update(state["head"])
         return down
 
+    def expected_reply(self, down: Message, knobs: dict) -> dict[str, tuple[int, ...]]:
+        """The deltas of the rank-k factors and the head that came down, and the channel indices."""
+        return mirrored_reply(down)
+
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         w = client_weights(replies, self.mcfg.weighting)  # 1/P each by default
-        self.server_opt.step(state, "global", scatter_mean(state["global"], self.modules, replies, w))
-        aggregate_head(state, replies, w, self.head, self.server_opt)
+        self.server_opt.step(state, "global", scatter_mean(state["global"], self.modules, replies, w, self.cfg.server))
+        aggregate_head(state, replies, w, self.head, self.server_opt, self.cfg.server)
         record_ranks(state, replies)
         return state
 

@@ -25,8 +25,9 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from hetfl.config import Config
+from hetfl.config import Config, ServerConfig
 from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, ClientContext, Message, RoundReport, ServerState, iter_sorted
+from hetfl.engine.robust import ORDER_RULES, clip_replies, combine
 from hetfl.methods.common import (FP32, AvgConfig, ServerOptimizer, copy_into, estimate_memory, head_names,
                                   inject_run_lora, local_train, lora_and_head, tokens_per_sample)
 from hetfl.models.lora import load_lora_state_dict, lora_modules, lora_state_dict
@@ -246,11 +247,25 @@ def load_head(model: nn.Module, head: list[str], tensors: dict[str, torch.Tensor
 
 
 def aggregate_head(state: ServerState, replies: dict[int, Message], w: dict[int, float], head: list[str],
-                   server_opt: ServerOptimizer) -> None:
-    """Weighted mean of the clients' head deltas, applied by the server optimiser."""
+                   server_opt: ServerOptimizer, server: ServerConfig | None = None) -> None:
+    """Weighted mean of the clients' head deltas, applied by the server optimiser.
+
+    `server.aggregator` (None: ``mean``) as in `scatter_mean`: ``norm-clip`` scales each reply
+    by its factor over the whole reply (factors and head together), ``median`` /
+    ``trimmed-mean`` combine the clients' head deltas coordinate-wise.
+    """
     if not head:
         return
-    mean = {n: sum(w[c] * m.tensors[n] for c, m in iter_sorted(replies)) for n in head}
+    rule = "mean" if server is None else server.aggregator
+    if rule == "norm-clip":
+        replies = clip_replies(replies, server.clip_norm)
+    if rule in ORDER_RULES:
+        cids = sorted(replies)
+        weights = torch.tensor([w[c] for c in cids])  # (P,)
+        mean = {n: combine(torch.stack([replies[c].tensors[n] for c in cids]), weights, rule, server.trim_beta)
+                for n in head}
+    else:
+        mean = {n: sum(w[c] * m.tensors[n] for c, m in iter_sorted(replies)) for n in head}
     server_opt.step(state, "head", mean)
 
 
@@ -301,8 +316,24 @@ def reply_indices(msg: Message, mod: str) -> torch.Tensor:
 
 
 def scatter_mean(g: dict[str, torch.Tensor], modules: list[str], replies: dict[int, Message],
-                 w: dict[int, float]) -> dict[str, torch.Tensor]:
-    """The weighted sum of the replies' rank-k deltas, each scattered into zeros of global size."""
+                 w: dict[int, float], server: ServerConfig | None = None) -> dict[str, torch.Tensor]:
+    """The weighted sum of the replies' rank-k deltas, each scattered into zeros of global size.
+
+    Args:
+        g: the global factors, "<module>.lora_A" (r, in) and "<module>.lora_B" (out, r).
+        modules: the adapted modules.
+        replies: the round's replies: rank-k deltas, and their channel indices when they travel.
+        w: each replying client's weight (summing to 1).
+        server: the run's `server:` section (engine/robust.py); None or ``mean``: the weighted
+            sum. ``norm-clip``: each reply scaled to norm <= `clip_norm` first. ``median`` /
+            ``trimmed-mean``: over all P replies per coordinate, a client counting as 0 on the
+            channels it did not train (the same zero-filling as the mean's).
+    """
+    rule = "mean" if server is None else server.aggregator
+    if rule == "norm-clip":
+        replies = clip_replies(replies, server.clip_norm)
+    if rule in ORDER_RULES:
+        return scatter_combine(g, modules, replies, w, rule, server.trim_beta)
     mean = {n: torch.zeros_like(t) for n, t in g.items()}
     for cid, msg in iter_sorted(replies):
         for mod in modules:
@@ -311,6 +342,25 @@ def scatter_mean(g: dict[str, torch.Tensor], modules: list[str], replies: dict[i
             mean[a][idx] += w[cid] * msg.tensors[a]  # scatter rows: (k, in) into (r, in)
             mean[b][:, idx] += w[cid] * msg.tensors[b]  # scatter columns: (out, k) into (out, r)
     return mean
+
+
+def scatter_combine(g: dict[str, torch.Tensor], modules: list[str], replies: dict[int, Message],
+                    w: dict[int, float], rule: str, beta: float) -> dict[str, torch.Tensor]:
+    """`scatter_mean` under an order-statistic rule: every reply's deltas scattered into zeros of
+    global size, stacked over the clients and combined coordinate-wise (robust.combine)."""
+    cids = sorted(replies)
+    weights = torch.tensor([w[c] for c in cids])  # (P,)
+    out = {n: torch.zeros_like(t) for n, t in g.items()}
+    for mod in modules:
+        a, b = factor_keys(mod)
+        sa = g[a].new_zeros((len(cids), *g[a].shape))  # (P, r, in)
+        sb = g[b].new_zeros((len(cids), *g[b].shape))  # (P, out, r)
+        for i, cid in enumerate(cids):
+            idx = reply_indices(replies[cid], mod)
+            sa[i, idx] = replies[cid].tensors[a]  # rows: (k, in) into (r, in)
+            sb[i][:, idx] = replies[cid].tensors[b]  # columns: (out, k) into (out, r)
+        out[a], out[b] = combine(sa, weights, rule, beta), combine(sb, weights, rule, beta)
+    return out
 
 
 def client_weights(replies: dict[int, Message], weighting: str) -> dict[int, float]:

@@ -91,6 +91,10 @@ class LocalAdaptor(Method):
         tensors = {n: p.detach() - msg.tensors[n] for n, p in base_params(ctx.model).items()}
         return Message(tensors, {NUM_EXAMPLES: len(ctx.data), TRAIN_LOSS: loss})
 
+    def expected_reply(self, down: Message, knobs: dict) -> dict[str, tuple[int, ...]]:
+        """The base's deltas (the adaptor stays on the client)."""
+        return {n: tuple(t.shape) for n, t in down.tensors.items()}
+
     # -- aggregation: FedAvg of the base -----------------------------------------------------
     def aggregate(self, state: ServerState, rnd: int, replies: dict[int, Message]) -> ServerState:
         if not replies:
