@@ -29,13 +29,17 @@ def _shipped_server():
 
 @dataclass
 class Population:
-    """Who the clients are: one device tier per client and the tier profiles."""
+    """Who the clients are: one device tier per client, the tier profiles, and per-client
+    profiles that replace the tier's (`population.capacity_trace`)."""
 
     tiers: list[str]  # tier name per client id
     profiles: dict[str, Any]  # tier name -> DeviceProfile
     server: Any = field(default_factory=_shipped_server)  # ServerProfile: the server of split methods
+    overrides: dict[int, Any] = field(default_factory=dict)  # client id -> its own DeviceProfile
 
     def device(self, cid: int):
+        if cid in self.overrides:
+            return self.overrides[cid]
         return self.profiles[self.tiers[cid]]
 
     def __len__(self) -> int:
@@ -69,7 +73,13 @@ def build_population(cfg: Config) -> Population:
     profiles = load_tiers(cfg.population.devices_file)
     rng = np.random.default_rng(derive_seed(cfg.seed, "population"))
     tiers = assign_tiers(cfg.population.num_clients, cfg.population.tiers, profiles, rng)
-    return Population(tiers, profiles, load_server(cfg.population.devices_file))
+    overrides = {}
+    if cfg.population.capacity_trace is not None:  # measured speeds and link rates replace the tier constants
+        from hetfl.fleet.traces import capacity_overrides
+
+        overrides = capacity_overrides(cfg.population.capacity_trace, tiers, profiles,
+                                       cfg.population.capacity_ref_flops, cfg.seed)
+    return Population(tiers, profiles, load_server(cfg.population.devices_file), overrides)
 
 
 def dataset_kind(name: str) -> str:

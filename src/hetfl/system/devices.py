@@ -14,6 +14,8 @@ saying where it comes from. A user file of the same shape replaces them:
         kappa: 1.0e-28
     server:               # optional; without it the shipped server entry applies
       flops_per_s: 2.5e+12
+    diurnal:              # optional; P(online) per hour 0..23, for `population.availability: diurnal`
+      my-board: [0.9, 0.9, ...]   # 24 values in [0, 1]; tiers without one fall back to the shipped curve
 
 The ``server`` entry is the (edge) server that runs split methods' server side; a client's
 wait for it is ``server_flops * n / flops_per_s`` with ``n`` clients served at once
@@ -135,10 +137,56 @@ def _read(path: str | None) -> tuple[str, dict]:
         where = f"{label}:{mark.line + 1}" if mark is not None else label
         raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
 
-    if (not isinstance(doc, dict) or "tiers" not in doc or not set(doc) <= {"tiers", "server"}
+    if (not isinstance(doc, dict) or "tiers" not in doc or not set(doc) <= {"tiers", "server", "diurnal"}
             or not isinstance(doc["tiers"], dict)):
-        raise ConfigError(f"{label}: expected a top-level 'tiers:' mapping (and optionally 'server:')")
+        raise ConfigError(f"{label}: expected a top-level 'tiers:' mapping (and optionally 'server:', 'diurnal:')")
     return label, doc
+
+
+def load_diurnal(path: str | None = None) -> dict[str, tuple[float, ...]]:
+    """Load the ``diurnal:`` curves of a device file: tier -> P(online) for hours 0..23.
+
+    A tier of a user file without its own curve gets the packaged curve of the same name, if
+    there is one; tiers with neither are absent from the result.
+
+    Args:
+        path: A device YAML (as for `load_tiers`); ``None`` loads the packaged one.
+
+    Returns:
+        Tier name -> 24 probabilities, for the file's tiers that have a curve.
+
+    Raises:
+        ConfigError: As `load_tiers` for the file, or ``<file>: diurnal.<tier>: ...`` for a
+            curve of an unknown tier, one without 24 values, or a value outside [0, 1].
+    """
+    label, doc = _read(path)
+    spec = doc.get("diurnal", {})
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{label}: diurnal: expected a mapping of tier -> 24 probabilities (hour 0..23)")
+    curves = {str(tier): _parse_curve(label, str(tier), raw, doc["tiers"]) for tier, raw in spec.items()}
+    if path is not None:
+        shipped = load_diurnal(None)
+        curves.update({t: shipped[t] for t in map(str, doc["tiers"]) if t not in curves and t in shipped})
+    return curves
+
+
+def _parse_curve(label: str, tier: str, raw: object, tiers: dict) -> tuple[float, ...]:
+    key = f"{label}: diurnal.{tier}"
+    if tier not in map(str, tiers):
+        raise ConfigError(f"{key}: unknown tier (known: {', '.join(map(str, tiers))})")
+    if not isinstance(raw, list) or len(raw) != 24:
+        got = f"{len(raw)} values" if isinstance(raw, list) else repr(raw)
+        raise ConfigError(f"{key}: expected a list of 24 probabilities (hour 0..23), got {got}")
+    values = []
+    for hour, p in enumerate(raw):
+        try:
+            value = float(p) if not isinstance(p, bool) else math.nan
+        except (TypeError, ValueError):
+            value = math.nan
+        if not 0.0 <= value <= 1.0:  # NaN fails too
+            raise ConfigError(f"{key}: hour {hour}: expected a probability in [0, 1], got {p!r}")
+        values.append(value)
+    return tuple(values)
 
 
 def _parse_tier(label: str, name: str, spec: object) -> DeviceProfile:
