@@ -26,6 +26,11 @@ def test_defaults_and_overrides():
     assert cfg.method.name == "fedit" and cfg.method.server_opt == "avg"
 
 
+def test_float_written_without_a_dot_is_a_number():
+    # YAML 1.1 reads `1e-05` as a string; a tuning grid of small rates writes exactly that
+    assert load_config({}, ["train.lr=1e-05"]).train.lr == 1e-05
+
+
 def test_method_swap_drops_options_the_new_method_lacks():
     raw = {"method": {"name": "fedit", "server_opt": "fedadam"}}
     cfg = load_config(raw, ["method.name=fedavg-full"])
@@ -37,6 +42,12 @@ BAD = [
     ({"train": {"lrr": 1}}, "train.lrr: unknown key"),
     ({"train": {"lr": -0.1}}, "train.lr: must be > 0"),
     ({"train": {"lr": "fast"}}, "train.lr: expected a number"),
+    ({"train": {"lr": "nan"}}, "train.lr: expected a finite number"),
+    ({"population": {"availability": "sometimes"}}, "population.availability: 'sometimes' is not one of"),
+    ({"population": {"deadline_s": 0}}, "population.deadline_s: must be a positive number"),
+    ({"population": {"over_select": 0.5}}, "population.over_select: must be in [1, 10]"),
+    ({"server": {"aggregator": "max"}}, "server.aggregator: 'max' is not one of"),
+    ({"faults": {"dropout": 1.5}}, "faults.dropout: must be a probability"),
     ({"rounds": 2.5}, "rounds: expected an integer"),
     ({"rounds": True}, "rounds: expected an integer"),
     ({"train": {"optimizer": "adam9"}}, "train.optimizer: 'adam9' is not one of"),

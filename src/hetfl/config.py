@@ -132,10 +132,29 @@ class PopulationConfig:
         default_factory=lambda: {"phone-low": 0.3, "phone-mid": 0.3, "phone-high": 0.2, "laptop": 0.2}
     )
     devices_file: str | None = None  # a user YAML of device tiers replacing the shipped ones
+    # Who is online when (fleet/availability.py): `always`, `diurnal` (per-tier hourly probabilities
+    # from the device file's `diurnal:` section), or {trace: FILE} in FedScale's client_behave_trace layout.
+    availability: str | dict[str, str] = "always"
+    # Per-client compute speed and link rate in FedScale's client_device_capacity layout (JSON or pickle),
+    # replacing the tier constants; `capacity_ref_flops` converts its ms/sample into FLOP/s.
+    capacity_trace: str | None = None
+    capacity_ref_flops: float = 6.0e8
+    deadline_s: float | None = None  # the server closes a round at this simulated time; later clients are late
+    over_select: float = 1.0  # sample ceil(over_select * clients_per_round), aggregate the first clients_per_round
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.num_clients < 1:
             yield "num_clients", "must be >= 1"
+        if isinstance(self.availability, str) and self.availability not in ("always", "diurnal"):
+            yield "availability", f"{self.availability!r} is not one of 'always', 'diurnal', or {{trace: FILE}}"
+        elif isinstance(self.availability, dict) and set(self.availability) != {"trace"}:
+            yield "availability", "a mapping must be {trace: FILE} (FedScale client_behave_trace layout)"
+        if self.capacity_ref_flops <= 0 or not math.isfinite(self.capacity_ref_flops):
+            yield "capacity_ref_flops", "must be a positive number of FLOPs per sample"
+        if self.deadline_s is not None and not (self.deadline_s > 0 and math.isfinite(self.deadline_s)):
+            yield "deadline_s", f"must be a positive number of seconds, got {self.deadline_s}"
+        if not (1.0 <= self.over_select <= 10.0):
+            yield "over_select", f"must be in [1, 10], got {self.over_select}"
         if self.clients_per_round < 1:
             yield "clients_per_round", "must be >= 1"
         elif self.clients_per_round > self.num_clients:
@@ -185,6 +204,58 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """How the server combines replies (engine/robust.py) and when (synchronous rounds or FedBuff)."""
+
+    mode: Literal["sync", "async"] = "sync"
+    aggregator: Literal["mean", "median", "trimmed-mean", "norm-clip"] = "mean"
+    trim_beta: float = 0.1  # trimmed-mean: share cut from each end per coordinate
+    clip_norm: float = 1.0  # norm-clip: each update's L2 norm is clipped to this
+    concurrency: int = 0  # async: clients training at once (0: population.clients_per_round)
+    buffer: int = 0  # async: updates per server step (0: population.clients_per_round)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not 0.0 <= self.trim_beta < 0.5:
+            yield "trim_beta", f"must be in [0, 0.5), got {self.trim_beta}"
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            yield "clip_norm", f"must be a positive number, got {self.clip_norm}"
+        if self.concurrency < 0:
+            yield "concurrency", "must be >= 0 (0: population.clients_per_round)"
+        if self.buffer < 0:
+            yield "buffer", "must be >= 0 (0: population.clients_per_round)"
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Faults injected on purpose (fleet/faults.py); every draw depends on (seed, round, client) only."""
+
+    dropout: float = 0.0  # probability per client and round of dropping at a random point of its work
+    straggler: float = 0.0  # probability per client and round of being slowed down
+    straggler_mu: float = 1.0  # a straggler's time is multiplied by LogNormal(mu, sigma) (median e^mu)
+    straggler_sigma: float = 0.5
+    corrupt: float = 0.0  # probability per client and round of a NaN or Inf update
+    byzantine: float = 0.0  # share of clients (a fixed set per seed) that send hostile updates
+    byzantine_mode: Literal["sign-flip", "scale", "random"] = "sign-flip"
+    byzantine_scale: float = 1.0  # sign-flip: -scale * update; scale: scale * update; random: noise of scale x its norm
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for name in ("dropout", "straggler", "corrupt", "byzantine"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                yield name, f"must be a probability in [0, 1], got {v}"
+        if not (self.straggler_sigma >= 0 and math.isfinite(self.straggler_sigma)):
+            yield "straggler_sigma", f"must be >= 0, got {self.straggler_sigma}"
+        if not math.isfinite(self.straggler_mu):
+            yield "straggler_mu", "must be finite"
+        if not (self.byzantine_scale > 0 and math.isfinite(self.byzantine_scale)):
+            yield "byzantine_scale", f"must be a positive number, got {self.byzantine_scale}"
+
+    @property
+    def any(self) -> bool:
+        return any((self.dropout, self.straggler, self.corrupt, self.byzantine))
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Base of every method's config; each method registers a subclass with its own options."""
 
@@ -216,6 +287,8 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wireless: WirelessConfig = field(default_factory=WirelessConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.rounds < 1:
@@ -228,7 +301,7 @@ class Config:
             yield "seeds", "every seed must be >= 0"
         if len(set(self.seeds)) != len(self.seeds):
             yield "seeds", "seeds must be distinct"
-        yield from config_rules(self)  # selection x method, rank ranges x lora.rank
+        yield from config_rules(self)  # selection x method, aggregator x method, rank ranges x lora.rank
 
 
 # ----------------------------------------------------------------------------- cross-section rules
@@ -244,10 +317,42 @@ def selection_rule(cfg: Config, supports_selection: bool) -> Iterator[tuple[str,
                              f"needs a parameter-averaging method: {ok}); set selection.name=none")
 
 
+def robust_rule(cfg: Config, robust_aggregation: bool) -> Iterator[tuple[str, str]]:
+    """A robust `server.aggregator` needs a method that averages its updates through the helpers that
+    honour it (`robust_aggregation`)."""
+    if cfg.server.aggregator == "mean" or robust_aggregation:
+        return
+    ok = ", ".join(n for n in METHODS.names() if METHODS.get(n).factory.robust_aggregation)
+    yield "server.aggregator", (f"{cfg.server.aggregator} cannot combine with method {cfg.method.name} (robust "
+                                f"aggregation is implemented by: {ok}); set server.aggregator=mean")
+
+
+def fleet_rules(cfg: Config, robust_aggregation: bool) -> Iterator[tuple[str, str]]:
+    """Asynchronous aggregation weights and applies updates as they arrive: it needs a method whose
+    replies are updates that `aggregate` averages (`robust_aggregation`), and it has no rounds for a
+    deadline or over-selection to act on."""
+    if cfg.server.mode != "async":
+        return
+    if not robust_aggregation:
+        ok = ", ".join(n for n in METHODS.names() if METHODS.get(n).factory.robust_aggregation)
+        yield "server.mode", (f"async cannot combine with method {cfg.method.name} (buffered asynchronous "
+                              f"aggregation needs an update-averaging method: {ok}); set server.mode=sync")
+    p, s = cfg.population, cfg.server
+    if p.deadline_s is not None or p.over_select > 1.0:
+        yield "server.mode", "async has no rounds to close: unset population.deadline_s and population.over_select"
+    c, k = s.concurrency or p.clients_per_round, s.buffer or p.clients_per_round
+    if c > p.num_clients:
+        yield "server.concurrency", f"{c} clients in flight but only {p.num_clients} clients (population.num_clients)"
+    if k > c:
+        yield "server.buffer", f"{k} updates per step exceed the {c} clients in flight (server.concurrency)"
+
+
 def config_rules(cfg: Config) -> Iterator[tuple[str, str]]:
     """Rules between sections that need nothing but the config (run by `Config.check`); the rules
     that need the model's facts or the backend are in hetfl/validation.py."""
     yield from selection_rule(cfg, METHODS.get(cfg.method.name).factory.supports_selection)
+    yield from robust_rule(cfg, METHODS.get(cfg.method.name).factory.robust_aggregation)
+    yield from fleet_rules(cfg, METHODS.get(cfg.method.name).factory.robust_aggregation)
     m, r = cfg.method, cfg.lora.rank
     rank_high = getattr(m, "rank_high", 0)  # heterogeneous-rank methods: k_i <= the global rank
     if rank_high > r:
@@ -316,6 +421,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-05 (no dot) as a string: take the number
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -178,6 +178,16 @@ def backend_rules(cfg: "Config", method: Any, backend: str = "sim") -> Iterator[
     if cfg.data.client_test_fraction > 0:
         yield "data.client_test_fraction", ("per-client evaluation reads each client's test split and private state, "
                                             "which stay on the SuperNodes; run it with --backend sim or set it to 0")
+    p = cfg.population
+    simulated = [("population.availability", p.availability != "always"), ("population.deadline_s", p.deadline_s),
+                 ("population.over_select", p.over_select > 1.0), ("faults", cfg.faults.any),
+                 ("server.mode", cfg.server.mode == "async")]
+    for key, on in simulated:
+        if on:
+            yield key, ("a simulated fleet (availability, deadlines, injected faults, asynchronous steps on the "
+                        "simulated clock) runs in the simulator only: a dropped client's private state stays on its "
+                        "SuperNode; run it with --backend sim")
+            break
 
 
 # ----------------------------------------------------------------------------- all of them

@@ -10,6 +10,8 @@ import torch
 
 from hetfl.config import Config, dump_config
 from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, weighted_mean
+from hetfl.engine.fleet import (DROPPED, OK, REJECTED, Fleet, check_replies, fleet_active, fleet_stats,
+                                round_costs)
 from hetfl.seeding import generator
 from hetfl.engine.link import DOWN, UP, Ledger, Link
 from hetfl.engine.sim import SimulatedBackend
@@ -32,10 +34,11 @@ class Totals:
 
     bytes_up: int = 0
     bytes_down: int = 0
-    sim_time_s: float = 0.0
+    sim_time_s: float = 0.0  # the rounds' durations, summed
     energy_j: float = 0.0
     flops: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    clock_s: float = 0.0  # the simulated clock: round durations plus waits for clients to come online
 
 
 def build_selector(cfg: Config):
@@ -76,7 +79,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             `client_states` and `flop_cache` that checkpoints keep); None: the in-process
             SimulatedBackend. hetfl.flower.backend.FlowerBackend runs the same round on Flower.
     """
-    from hetfl.system.cost import fixed_costs, round_time
+    from hetfl.system.cost import round_time
 
     cfg: Config = scenario.cfg
     ledger = Ledger()
@@ -111,63 +114,121 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             m = {"round": 0, **_zero_round(totals), **evaluate(scenario, method, state, backend.client_states)}
             _emit(m, [], rundir, history, on_round)
 
+    fleet = Fleet(cfg, scenario, backend) if fleet_active(cfg) else None
+    buffered = None
+    if cfg.server.mode == "async":  # FedBuff: one loop round is one server step (engine/asyncfl.py)
+        from hetfl.engine.asyncfl import Buffered
+
+        buffered = Buffered(cfg, scenario, method, link, ledger, backend, wireless, knobs, mem, fleet)
+        if resume:
+            buffered.inflight = ck.get("inflight", [])
+
+    def close_round(rnd: int, state, m: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """Evaluate, log and checkpoint the round."""
+        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+            m.update(evaluate(scenario, method, state, backend.client_states))
+        ledger.drop_round(rnd)
+        link.reset_round(rnd)
+        _emit(m, rows, rundir, history, on_round)
+        if rundir is not None and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
+            ck = {"round": rnd, "state": state, "client_states": backend.client_states, "totals": totals,
+                  "flop_cache": backend.flop_cache}
+            if buffered is not None:
+                ck["inflight"] = buffered.inflight
+            rundir.save_checkpoint(ck)
+
     for rnd in range(start, cfg.rounds + 1):
-        cids = sample_clients(cfg.seed, rnd, scenario.num_clients, cfg.population.clients_per_round)
+        if buffered is not None:
+            state, m, rows = buffered.step(rnd, state, totals)
+            close_round(rnd, state, m, rows)
+            continue
+        if fleet is None:
+            cids = sample_clients(cfg.seed, rnd, scenario.num_clients, cfg.population.clients_per_round)
+        else:
+            cids = fleet.sample(rnd, totals)
         down = method.configure(state, rnd, cids)
         link.clear_codecs()  # per-client codec choices (e.g. each device's activation bits) hold for one round
         for cid, kinds in method.codecs(rnd, cids).items():
             for kind, codec in kinds.items():
                 link.set_codec(cid, kind, codec)
+        if fleet is not None:
+            fleet.keep_states(cids)
         replies, ctxs = backend.run_round(rnd, down, knobs, mem)
-        state = method.aggregate(state, rnd, replies)
-        report = method.report(state, rnd, cids)
-
-        rows = []
+        if fleet is not None:
+            replies = fleet.tamper(rnd, replies)
+        rejected = check_replies(rnd, method, replies, down, knobs)
+        # The server's view of the round's timing comes first (the server FLOPs and radio of a split
+        # method come from the round's client work); what it aggregates depends on it.
+        pre = method.report(state, rnd, cids)
         ups = {c: ledger.bytes(rnd=rnd, cid=c, direction=UP) for c in cids}
         downs = {c: ledger.bytes(rnd=rnd, cid=c, direction=DOWN) for c in cids}
         # A sequential method (SplitFed V2, vanilla SL) serves clients one at a time: each waits for
         # the previous ones, alone on the server.
         sequential = method.schedule == "sequential"
-        if wireless is not None:  # Shannon rates from each client's bandwidth, power and channel
-            costs = wireless.costs(cids, {c: ctxs[c].device for c in cids}, {c: ctxs[c].flops for c in cids}, ups,
-                                   downs, report.server_flops, report.radio, sequential=sequential)
-        else:  # the tiers' fixed link rates; the server of devices.yaml (or population.devices_file)
-            costs = fixed_costs(cids, {c: ctxs[c].device for c in cids}, {c: ctxs[c].flops for c in cids}, ups,
-                                downs, report.server_flops, scenario.population.server, sequential=sequential,
-                                server_of=report.server_of)
-        t_round = round_time(costs.values(), sequential=sequential)
+        costs = round_costs(scenario, wireless, cids, ctxs, ups, downs, pre, sequential)
+        if fleet is None:
+            status = {c: REJECTED if c in rejected else OK for c in cids}
+            t_round, share, finish = round_time(costs.values(), sequential=sequential), {}, {}
+        else:
+            order = method.client_order(rnd, sorted(cids)) if sequential else sorted(cids)
+            st = fleet.settle(rnd, order, costs, set(rejected), totals, sequential)
+            status, t_round, share, finish = st.status, st.t_round, st.share, st.finish_s
+        accepted = {c: r for c, r in replies.items() if status[c] == OK}
+        if accepted:  # else every sampled client dropped, was late or was rejected: the model stays
+            state = method.aggregate(state, rnd, accepted)
+        report = method.report(state, rnd, cids)
+        if fleet is not None:
+            fleet.restore_states([c for c in cids if status[c] != OK])
+            # a dropped client sent its download and `share` of its per-batch traffic, not its reply
+            for c in cids:
+                if status[c] == DROPPED:
+                    final_up = ledger.bytes(rnd=rnd, cid=c, direction=UP, kind=replies[c].kind or "update") \
+                        if c in replies else 0
+                    first_down = ledger.bytes(rnd=rnd, cid=c, direction=DOWN, kind=down[c].kind or "model")
+                    ups[c] = int(share[c] * (ups[c] - final_up))
+                    downs[c] = first_down + int(share[c] * (downs[c] - first_down))
+
+        rows, spent = [], {}
         for cid in cids:
             ctx, up, dn, c = ctxs[cid], ups[cid], downs[cid], costs[cid]
+            part = share.get(cid, 1.0)  # a dropped client spent this share of its work
+            spent[cid] = (c.energy_j, ctx.flops) if part == 1.0 else (part * c.energy_j, part * ctx.flops)
             meta = replies[cid].meta if cid in replies else {}  # absent: skipped (empty coreset)
             rows.append({
                 "round": rnd, "client": cid, "tier": scenario.population.tiers[cid],
                 "rank": meta.get("rank", ctx.knobs.get("rank", "")),
                 "num_examples": meta.get(NUM_EXAMPLES, 0),
                 "train_loss": round(float(meta.get(TRAIN_LOSS, float("nan"))), 6),
-                "bytes_up": up, "bytes_down": dn, "flops": int(ctx.flops), "t_comp_s": c.t_comp, "t_up_s": c.t_up,
-                "t_down_s": c.t_down, "t_server_s": c.t_server, "sim_time_s": c.time_s, "energy_j": c.energy_j,
-                "mem_mb": round(ctx.mem_bytes / MIB, 3),
+                "bytes_up": up, "bytes_down": dn, "flops": int(spent[cid][1]), "t_comp_s": c.t_comp,
+                "t_up_s": c.t_up, "t_down_s": c.t_down, "t_server_s": c.t_server,
+                "sim_time_s": finish.get(cid, c.time_s), "energy_j": spent[cid][0],
+                "mem_mb": round(ctx.mem_bytes / MIB, 3), "status": status[cid], "reason": rejected.get(cid, ""),
                 **report.client_rows.get(cid, {}),  # e.g. the allocation
             })
         method.observe(state, rnd, costs)  # e.g. adaptive per-client budgets from observed cost
-        up_r, dn_r = ledger.bytes(rnd=rnd, direction=UP), ledger.bytes(rnd=rnd, direction=DOWN)
+        up_r, dn_r = sum(ups.values()), sum(downs.values())
+        energy_r = sum(e for e, _ in spent.values())
+        flops_r = sum(f for _, f in spent.values())
         totals.bytes_up += up_r
         totals.bytes_down += dn_r
         totals.sim_time_s += t_round
-        totals.energy_j += sum(c.energy_j for c in costs.values())
-        totals.flops += sum(ctxs[c].flops for c in cids)
-        losses = {c: float(r.meta.get(TRAIN_LOSS, float("nan"))) for c, r in replies.items()}
-        weights = {c: float(r.meta.get(NUM_EXAMPLES, 1)) for c, r in replies.items()}
+        totals.clock_s += t_round
+        totals.energy_j += energy_r
+        totals.flops += flops_r
+        losses = {c: float(r.meta.get(TRAIN_LOSS, float("nan"))) for c, r in accepted.items()}
+        weights = {c: float(r.meta.get(NUM_EXAMPLES, 1)) for c, r in accepted.items()}
         m = {
             "round": rnd, "train_loss": weighted_mean(losses, weights),
             "bytes_up": up_r, "bytes_down": dn_r,
             "bytes_up_total": totals.bytes_up, "bytes_down_total": totals.bytes_down,
             "round_time_s": t_round, "sim_time_s": totals.sim_time_s,
-            "round_energy_j": sum(c.energy_j for c in costs.values()), "energy_j": totals.energy_j,
-            "client_flops": sum(ctxs[c].flops for c in cids), "flops_total": totals.flops,
+            "round_energy_j": energy_r, "energy_j": totals.energy_j,
+            "client_flops": flops_r, "flops_total": totals.flops,
             "client_mem_peak_mb": max(ctxs[c].mem_bytes for c in cids) / MIB,
             "bytes_by_kind": {f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())},
         }
+        if fleet is not None or rejected:
+            m.update(fleet_stats(cids, status, ups, downs, spent, totals))
         if selector is not None:
             local = sum(ctxs[c].local_total for c in cids)
             m["data_fraction"] = sum(len(ctxs[c].data) for c in cids) / local if local else 0.0
@@ -175,16 +236,9 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             m["selection_flops"] = sum(ctxs[c].selection_flops for c in cids)
             # Clients select in parallel: the stage's simulated compute time is the slowest client's.
             m["selection_time_s"] = max(ctxs[c].selection_flops / ctxs[c].device.flops_per_s for c in cids)
-            m["clients_trained"] = len(replies)
+            m["clients_trained"] = len(accepted)
         m.update(report.stats)  # method-specific numbers (server FLOPs, chosen ranks, ...)
-        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-            m.update(evaluate(scenario, method, state, backend.client_states))
-        ledger.drop_round(rnd)
-        link.reset_round(rnd)
-        _emit(m, rows, rundir, history, on_round)
-        if rundir is not None and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
-            rundir.save_checkpoint({"round": rnd, "state": state, "client_states": backend.client_states,
-                                    "totals": totals, "flop_cache": backend.flop_cache})
+        close_round(rnd, state, m, rows)
     if rundir is not None:
         method.export(state, rundir.path)
     return history

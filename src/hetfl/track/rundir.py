@@ -25,6 +25,8 @@ from hetfl.errors import ConfigError
 CLIENT_COLUMNS = [
     "round", "client", "tier", "rank", "num_examples", "train_loss", "bytes_up", "bytes_down", "flops",
     "t_comp_s", "t_up_s", "t_down_s", "t_server_s", "sim_time_s", "energy_j", "mem_mb",
+    "status", "reason",  # ok | dropped | late | rejected (engine/fleet.py), and why a reply was rejected
+    "staleness",  # server.mode async: server steps since the client started
     "server", "bits", "bandwidth_hz", "power_w",  # radio allocation (wireless model), when a method sets one
 ]
 
