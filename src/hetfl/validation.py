@@ -223,6 +223,19 @@ def validate(cfg: "Config", backend: str = "sim") -> None:
     """
     from hetfl.scenario import build_population
 
-    build_population(cfg)
+    try:
+        population = build_population(cfg)
+    except ConfigError as e:
+        if cfg.population.capacity_trace is not None and str(e).startswith(str(cfg.population.capacity_trace)):
+            raise ConfigError(f"population.capacity_trace: {e}") from None
+        raise
+    if cfg.population.availability != "always":  # a trace file is read (and checked) before any model loads
+        from hetfl.fleet.availability import build_availability
+
+        try:
+            build_availability(cfg, population)
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith("population.") else f"population.availability: {msg}") from None
     for key, msg in problems(cfg, backend):
         raise ConfigError(f"{key}: {msg}")

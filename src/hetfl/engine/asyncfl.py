@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, Message, weighted_mean
-from hetfl.engine.fleet import DROPPED, OK, REJECTED, check_replies, round_costs, sample_from
+from hetfl.engine.fleet import (DROPPED, OK, REJECTED, check_replies, client_by_kind, dropped_bytes, merge_by_kind,
+                                round_costs, sample_from)
 from hetfl.engine.link import DOWN, UP
 
 MIB = 2**20
@@ -105,15 +106,14 @@ class Buffered:
             if avail is not None:
                 cut = min(cut, avail.offline_at(c, clock) - clock)
             up, dn, share, status = ups[c], downs[c], 1.0, (REJECTED if c in rejected else OK)
+            by = client_by_kind(ledger, rnd, c)
             if c not in replies:  # no data to train on (empty coreset): it sends nothing
                 status = DROPPED
                 cut = 0.0
-            if cut < t:
+            if cut < t:  # it sent its download and `share` of its per-batch traffic, not its reply
                 status, share = DROPPED, (max(cut, 0.0) / t if t > 0 else 0.0)
-                final_up = ledger.bytes(rnd=rnd, cid=c, direction=UP, kind=replies[c].kind or "update") \
-                    if c in replies else 0
-                first_down = ledger.bytes(rnd=rnd, cid=c, direction=DOWN, kind=down[c].kind or "model")
-                up, dn = int(share * (up - final_up)), first_down + int(share * (dn - first_down))
+                up, dn, by = dropped_bytes(ledger, rnd, c, share, (replies[c].kind or "update") if c in replies
+                                           else None, down[c].kind or "model")
                 t = max(cut, 0.0)
             meta = replies[c].meta if c in replies else {}
             row = {
@@ -126,9 +126,7 @@ class Buffered:
             }
             energy, flops = (cost.energy_j, ctx.flops) if share == 1.0 else (share * cost.energy_j, share * ctx.flops)
             self.inflight.append(Job(c, rnd, clock + t, status, replies.get(c), row, up, dn, energy, flops,
-                                     saved.get(c), c in saved, ctx.mem_bytes))
-        by_kind = {f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())}
-        self.last_by_kind = by_kind
+                                     saved.get(c), c in saved, ctx.mem_bytes, {"by_kind": by}))
         ledger.drop_round(rnd)  # each job keeps its own bytes; the next launch of this step starts clean
         link.reset_round(rnd)
         return cids
@@ -138,7 +136,6 @@ class Buffered:
         t0 = totals.clock_s
         started = self.launch(rnd, state, totals.clock_s, set())
         tried = set(started)
-        bytes_by_kind = dict(getattr(self, "last_by_kind", {})) if started else {}
         buffer: dict[int, Job] = {}
         settled: list[Job] = []
         while len(buffer) < self.buffer:
@@ -176,7 +173,8 @@ class Buffered:
                     states[j.cid] = j.saved
                 else:
                     states.pop(j.cid, None)
-        rows = [{"round": rnd, **j.row, "flops": int(j.flops), "energy_j": j.energy_j, "status": j.status,
+        rows = [{"round": rnd, **j.row, "sim_time_s": j.end_s - t0,  # its arrival, from the step's start
+                 "flops": int(j.flops), "energy_j": j.energy_j, "status": j.status,
                  "staleness": rnd - j.launched, **report.client_rows.get(j.cid, {})}
                 for j in sorted(settled, key=lambda j: (j.end_s, j.cid))]
         t_round = totals.clock_s - t0
@@ -199,7 +197,7 @@ class Buffered:
             "round_energy_j": energy_r, "energy_j": totals.energy_j,
             "client_flops": flops_r, "flops_total": totals.flops,
             "client_mem_peak_mb": max((j.mem_bytes for j in settled), default=0) / MIB,
-            "bytes_by_kind": bytes_by_kind,
+            "bytes_by_kind": merge_by_kind(j.extra["by_kind"] for j in settled),
             "clients_sampled": len(started), "clients_reported": sum(1 for j in settled if j.status != DROPPED),
             "clients_aggregated": len(buffer), "clients_dropped": sum(1 for j in settled if j.status == DROPPED),
             "clients_late": 0, "clients_rejected": sum(1 for j in settled if j.status == REJECTED),

@@ -232,3 +232,41 @@ def round_costs(scenario, wireless, cids: list[int], ctxs: dict, ups: dict[int, 
                               sequential=sequential)
     return fixed_costs(cids, devices, flops, ups, downs, report.server_flops, scenario.population.server,
                        sequential=sequential, server_of=report.server_of)
+
+
+def dropped_bytes(ledger, rnd: int, cid: int, share: float, reply_kind: str | None,
+                  down_kind: str) -> tuple[int, int, dict[tuple[str, str], int]]:
+    """(up, down, by (direction, kind)) bytes a client that dropped at `share` of its work moved: all
+    of its download (`down_kind`), `share` of every other message kind (per-batch traffic), and not
+    its reply (`reply_kind`; None: it had none)."""
+    by: dict[tuple[str, str], int] = {}
+    for e in ledger.entries:
+        if e.rnd != rnd or e.cid != cid:
+            continue
+        key = (e.direction, e.kind)
+        if e.direction == "down" and e.kind == down_kind:
+            by[key] = by.get(key, 0) + e.nbytes
+        elif not (e.direction == "up" and e.kind == reply_kind):
+            by[key] = by.get(key, 0) + e.nbytes
+    by = {k: (b if k == ("down", down_kind) else int(share * b)) for k, b in by.items()}
+    up = sum(b for (d, _), b in by.items() if d == "up")
+    down = sum(b for (d, _), b in by.items() if d == "down")
+    return up, down, by
+
+
+def client_by_kind(ledger, rnd: int, cid: int) -> dict[tuple[str, str], int]:
+    """Bytes per (direction, kind) one client moved in a round, as the ledger measured them."""
+    by: dict[tuple[str, str], int] = {}
+    for e in ledger.entries:
+        if e.rnd == rnd and e.cid == cid:
+            by[(e.direction, e.kind)] = by.get((e.direction, e.kind), 0) + e.nbytes
+    return by
+
+
+def merge_by_kind(parts) -> dict[str, int]:
+    """Per-client (direction, kind) byte counts summed into the metrics' `bytes_by_kind`."""
+    total: dict[tuple[str, str], int] = {}
+    for by in parts:
+        for k, b in by.items():
+            total[k] = total.get(k, 0) + b
+    return {f"{d}:{k}": b for (d, k), b in sorted(total.items())}

@@ -10,8 +10,8 @@ import torch
 
 from hetfl.config import Config, dump_config
 from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, weighted_mean
-from hetfl.engine.fleet import (DROPPED, OK, REJECTED, Fleet, check_replies, fleet_active, fleet_stats,
-                                round_costs)
+from hetfl.engine.fleet import (DROPPED, OK, REJECTED, Fleet, check_replies, client_by_kind, dropped_bytes,
+                                fleet_active, fleet_stats, merge_by_kind, round_costs)
 from hetfl.seeding import generator
 from hetfl.engine.link import DOWN, UP, Ledger, Link
 from hetfl.engine.sim import SimulatedBackend
@@ -180,13 +180,12 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         if fleet is not None:
             fleet.restore_states([c for c in cids if status[c] != OK])
             # a dropped client sent its download and `share` of its per-batch traffic, not its reply
+            by_client = {c: client_by_kind(ledger, rnd, c) for c in cids}
             for c in cids:
                 if status[c] == DROPPED:
-                    final_up = ledger.bytes(rnd=rnd, cid=c, direction=UP, kind=replies[c].kind or "update") \
-                        if c in replies else 0
-                    first_down = ledger.bytes(rnd=rnd, cid=c, direction=DOWN, kind=down[c].kind or "model")
-                    ups[c] = int(share[c] * (ups[c] - final_up))
-                    downs[c] = first_down + int(share[c] * (downs[c] - first_down))
+                    ups[c], downs[c], by_client[c] = dropped_bytes(
+                        ledger, rnd, c, share[c], (replies[c].kind or "update") if c in replies else None,
+                        down[c].kind or "model")
 
         rows, spent = [], {}
         for cid in cids:
@@ -225,7 +224,8 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             "round_energy_j": energy_r, "energy_j": totals.energy_j,
             "client_flops": flops_r, "flops_total": totals.flops,
             "client_mem_peak_mb": max(ctxs[c].mem_bytes for c in cids) / MIB,
-            "bytes_by_kind": {f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())},
+            "bytes_by_kind": ({f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())}
+                              if fleet is None else merge_by_kind(by_client.values())),
         }
         if fleet is not None or rejected:
             m.update(fleet_stats(cids, status, ups, downs, spent, totals))

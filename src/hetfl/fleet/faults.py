@@ -16,8 +16,8 @@ did before it dropped, the time it took).
   Poisoning Attacks to Byzantine-Robust Federated Learning").
 
 Like the rest of fleet/ this imports only the ground floor (seeding): it reads the `faults:`
-section by duck typing and copies a reply with `dataclasses.replace`, so configs and messages are
-named for type checking only.
+section by duck typing and copies a reply (an engine.api.Message, not imported: the engine stands
+above) with `dataclasses.replace`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,7 +33,6 @@ from hetfl.seeding import generator
 
 if TYPE_CHECKING:
     from hetfl.config import FaultsConfig
-    from hetfl.engine.api import Message
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def fate(fc: FaultsConfig, seed: int, rnd: int, cid: int, byzantine: frozenset[i
     return Fate(drop_at, slowdown, corrupt, cid in byzantine)
 
 
-def tamper(reply: Message, fate: Fate, fc: FaultsConfig, seed: int, rnd: int, cid: int) -> Message:
+def tamper(reply: Any, fate: Fate, fc: FaultsConfig, seed: int, rnd: int, cid: int) -> Any:
     """The reply as a client with this fate sends it: a new Message (the input's tensors are not
     changed), metadata copied.
 
