@@ -205,7 +205,9 @@ def write_md(md: Path, rows, claims_run: list[str], quick: bool) -> None:
              "of seeds; the row says what would decide.", "",
              "| claim | paper | preset | ours | verdict | notes |", "|---|---|---|---|---|---|"]
     def preset(c: Claim) -> str:
-        return f"`{c.preset}`" + (f" ({', '.join(c.quick)})" if quick and c.quick else "")
+        shared = [o for o in c.method[1] if not o.startswith(("method.", "selection."))]  # e.g. rounds=24
+        extra = [*shared, *(c.quick if quick else [])]
+        return f"`{c.preset}`" + (f" ({', '.join(extra)})" if extra else "")
 
     new_rows = {c.key: f"| {c.key} | {c.paper} | {preset(c)} | {ours} | "
                        f"**{verdict}** | {note}; `{cmd}`, {time.strftime('%Y-%m-%d')}, {wall:.0f} s |"
