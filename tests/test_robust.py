@@ -160,19 +160,29 @@ def three_sketches() -> dict[int, Message]:
     }
 
 
-def test_scatter_mean_median_counts_uncovered_channels_as_zero():
+def test_scatter_mean_median_is_per_channel_over_the_clients_that_trained_it():
     g = {"m.lora_A": torch.zeros(4, 1), "m.lora_B": torch.zeros(1, 4)}
     w = {c: 1 / 3 for c in range(3)}
-    # scattered A rows per client: (1, 2, 0, 0), (0, 4, 6, 0), (3, 0, 0, 8) -> medians (1, 2, 0, 0)
-    # scattered B columns:     (10, 20, 0, 0), (0, 30, 40, 0), (5, 0, 0, 60) -> medians (5, 20, 0, 0)
+    # channels trained: client 0 {0, 1}: A (1, 2), B (10, 20); client 1 {1, 2}: A (4, 6), B (30, 40);
+    # client 2 {0, 3}: A (3, 8), B (5, 60). Per channel the median over its trainers times n_j / 3:
+    # A: ch0 med(1, 3)=2 -> 4/3, ch1 med(2, 4)=3 -> 2, ch2 6 -> 2, ch3 8 -> 8/3
+    # B: ch0 med(10, 5)=7.5 -> 5, ch1 med(20, 30)=25 -> 50/3, ch2 40 -> 40/3, ch3 60 -> 20
     out = scatter_mean(g, ["m"], three_sketches(), w, ServerConfig(aggregator="median"))
-    assert torch.equal(out["m.lora_A"], torch.tensor([[1.0], [2.0], [0.0], [0.0]]))
-    assert torch.equal(out["m.lora_B"], torch.tensor([[5.0, 20.0, 0.0, 0.0]]))
-    # with 3 clients, cutting floor(0.4 * 3) = 1 from each end leaves the median
-    trimmed = scatter_mean(g, ["m"], three_sketches(), w, ServerConfig(aggregator="trimmed-mean", trim_beta=0.4))
-    assert all(torch.equal(trimmed[k], out[k]) for k in out)
+    assert torch.allclose(out["m.lora_A"], torch.tensor([[4 / 3], [2.0], [2.0], [8 / 3]]))
+    assert torch.allclose(out["m.lora_B"], torch.tensor([[5.0, 50 / 3, 40 / 3, 20.0]]))
+    # with two or fewer trainers per channel the median is their mean: the plain mean rule's result
     mean = scatter_mean(g, ["m"], three_sketches(), w)
-    assert torch.allclose(mean["m.lora_A"], torch.tensor([[4.0], [6.0], [6.0], [8.0]]) / 3)
+    assert torch.allclose(mean["m.lora_A"], out["m.lora_A"]) and torch.allclose(mean["m.lora_B"], out["m.lora_B"])
+    trimmed = scatter_mean(g, ["m"], three_sketches(), w, ServerConfig(aggregator="trimmed-mean", trim_beta=0.4))
+    assert all(torch.allclose(trimmed[k], out[k]) for k in out)  # floor(0.4 * 2) = 0 cut: the mean
+
+
+def test_scatter_median_outvotes_a_hostile_trainer_of_a_channel():
+    g = {"m.lora_A": torch.zeros(2, 1), "m.lora_B": torch.zeros(1, 2)}
+    replies = {c: reply({"m.lora_A": torch.tensor([[v]]), "m.lora_B": torch.tensor([[v]]),
+                         "m.index": torch.tensor([0], dtype=torch.uint8)}) for c, v in enumerate([1.0, 2.0, -90.0])}
+    out = scatter_mean(g, ["m"], replies, {c: 1 / 3 for c in range(3)}, ServerConfig(aggregator="median"))
+    assert torch.equal(out["m.lora_A"], torch.tensor([[1.0], [0.0]]))  # median 1 of (1, 2, -90), all 3 trained it
 
 
 def test_aggregate_head_takes_the_median_of_the_head_deltas():

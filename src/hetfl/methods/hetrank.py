@@ -346,20 +346,32 @@ def scatter_mean(g: dict[str, torch.Tensor], modules: list[str], replies: dict[i
 
 def scatter_combine(g: dict[str, torch.Tensor], modules: list[str], replies: dict[int, Message],
                     w: dict[int, float], rule: str, beta: float) -> dict[str, torch.Tensor]:
-    """`scatter_mean` under an order-statistic rule: every reply's deltas scattered into zeros of
-    global size, stacked over the clients and combined coordinate-wise (robust.combine)."""
+    """`scatter_mean` under an order-statistic rule, per rank channel: the rule over the clients that
+    trained the channel, times the share of clients that did (n_j / P).
+
+    The mean rule is (1/P) * sum over the n_j clients covering channel j, i.e. (n_j / P) times their
+    mean; the robust rules replace that mean by their estimate over the same clients. Counting the
+    clients that did not train a channel as zeros instead would make the median of a channel most
+    clients skip zero, and stall FSLoRA's sketched training (measured in benchmarks/faults.py)."""
     cids = sorted(replies)
-    weights = torch.tensor([w[c] for c in cids])  # (P,)
+    p = len(cids)
     out = {n: torch.zeros_like(t) for n, t in g.items()}
     for mod in modules:
         a, b = factor_keys(mod)
-        sa = g[a].new_zeros((len(cids), *g[a].shape))  # (P, r, in)
-        sb = g[b].new_zeros((len(cids), *g[b].shape))  # (P, out, r)
-        for i, cid in enumerate(cids):
-            idx = reply_indices(replies[cid], mod)
-            sa[i, idx] = replies[cid].tensors[a]  # rows: (k, in) into (r, in)
-            sb[i][:, idx] = replies[cid].tensors[b]  # columns: (out, k) into (out, r)
-        out[a], out[b] = combine(sa, weights, rule, beta), combine(sb, weights, rule, beta)
+        idx = {c: reply_indices(replies[c], mod).tolist() for c in cids}
+        for j in range(g[a].shape[0]):
+            rows, cols = [], []  # channel j's row of A and column of B from every client that trained it
+            for c in cids:
+                if j in idx[c]:
+                    pos = idx[c].index(j)
+                    rows.append(replies[c].tensors[a][pos])
+                    cols.append(replies[c].tensors[b][:, pos])
+            if not rows:
+                continue
+            ones = torch.full((len(rows),), 1.0 / len(rows))
+            share = len(rows) / p
+            out[a][j] = combine(torch.stack(rows), ones, rule, beta) * share
+            out[b][:, j] = combine(torch.stack(cols), ones, rule, beta) * share
     return out
 
 
