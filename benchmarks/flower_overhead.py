@@ -2,9 +2,9 @@
 
 Runs `cfg` with `run_experiment` (simulator) and `run_flower` (a local SuperLink + N SuperNodes),
 then prints wall seconds per round for each, their ratio, and how far the per-round metrics are
-apart: `identical` when every number and byte count is equal, else the largest relative
-difference of any numeric metric (the FLOP counter can change the last bits on attention models;
-see the README's Flower section).
+apart, their wall-clock timings aside: `identical` when every number and byte count is equal, else
+the largest relative difference of any numeric metric (the FLOP counter can change the last bits
+on attention models; see the README's Flower section).
 
     python benchmarks/flower_overhead.py                                  # FedIT on the synthetic MLP, 3 rounds
     python benchmarks/flower_overhead.py --preset fedit-instruct --set rounds=2 --set population.clients_per_round=2
@@ -33,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--supernodes", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the Flower processes get the same)")
     return p.parse_args(argv)
+
+
+def computed(rows: list[dict]) -> list[dict]:
+    """The rows without their wall-clock timings (`*_wall_s`), which no two runs share."""
+    return [{k: v for k, v in r.items() if not k.endswith("_wall_s")} for r in rows]
 
 
 def max_rel_diff(a: list[dict], b: list[dict]) -> float:
@@ -64,6 +69,7 @@ def main(argv=None) -> None:
         flower = run_flower(cfg, Path(tmp) / "flower", supernodes=args.supernodes, report=False)
         t_flower = time.perf_counter() - t0
     rounds = cfg.rounds
+    sim, flower = computed(sim), computed(flower)
     same = flower == sim
     print(f"config {cfg.name} ({cfg.method.name}), {rounds} rounds, {cfg.population.clients_per_round} clients/round, "
           f"{args.supernodes} SuperNodes")

@@ -141,6 +141,10 @@ class PopulationConfig:
     capacity_ref_flops: float = 6.0e8
     deadline_s: float | None = None  # the server closes a round at this simulated time; later clients are late
     over_select: float = 1.0  # sample ceil(over_select * clients_per_round), aggregate the first clients_per_round
+    # The simulator's memory for the clients' private states (Ditto's personal models, FLoRAL's logits, a
+    # personal tail): up to this many MiB stay in memory, the least recently used beyond it are spilled to
+    # disk (engine/states.py). Results do not depend on it; 0: all in memory.
+    state_memory_mb: float = 1024.0
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.num_clients < 1:
@@ -153,6 +157,8 @@ class PopulationConfig:
             yield "capacity_ref_flops", "must be a positive number of FLOPs per sample"
         if self.deadline_s is not None and not (self.deadline_s > 0 and math.isfinite(self.deadline_s)):
             yield "deadline_s", f"must be a positive number of seconds, got {self.deadline_s}"
+        if not (self.state_memory_mb >= 0 and math.isfinite(self.state_memory_mb)):
+            yield "state_memory_mb", "must be >= 0 (0: every client state in memory)"
         if not (1.0 <= self.over_select <= 10.0):
             yield "over_select", f"must be in [1, 10], got {self.over_select}"
         if self.clients_per_round < 1:

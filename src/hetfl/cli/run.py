@@ -57,13 +57,14 @@ def run(args: argparse.Namespace) -> int:
 
     validate(cfg, backend=args.backend)  # every cross-section rule, before any model loads
     label = f"{cfg.name} [{cfg.method.name}{', flower' if args.backend == 'flower' else ''}]"
-    with round_progress(label, cfg.rounds) as on_round:
-        if args.backend == "flower":
+    with round_progress(label, cfg.rounds) as bar:
+        if args.backend == "flower":  # the clients train in other processes: the bar counts rounds only
             from hetfl.flower.launch import run_flower
 
             history = run_flower(cfg, out, supernodes=args.supernodes, superlink=args.superlink, force=args.force,
-                                 on_round=on_round)
+                                 on_round=bar)
         else:
-            history = run_experiment(cfg, out, force=args.force, resume=bool(args.resume), on_round=on_round)
+            history = run_experiment(cfg, out, force=args.force, resume=bool(args.resume), on_round=bar,
+                                     on_client=bar.on_client)
     print_run_summary(cfg, history, out)
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +28,7 @@ from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, Message, weighted_mean
 from hetfl.engine.fleet import (DROPPED, OK, REJECTED, check_replies, client_by_kind, dropped_bytes, merge_by_kind,
                                 round_costs, sample_from)
 from hetfl.engine.link import DOWN, UP
+from hetfl.track.walltime import AGGREGATE_WALL, COMPUTE_WALL
 
 MIB = 2**20
 
@@ -71,6 +73,7 @@ class Buffered:
         self.concurrency = cfg.server.concurrency or k
         self.buffer = cfg.server.buffer or k
         self.inflight: list[Job] = []  # checkpointed with the run
+        self.compute_wall_s = 0.0  # this step's wall seconds inside the backend's run_round
 
     def launch(self, rnd: int, state, clock: float, exclude: set[int]) -> list[int]:
         """Start clients until C are in flight: their work runs now, their replies wait."""
@@ -90,7 +93,9 @@ class Buffered:
                 link.set_codec(cid, kind, codec)
         states = self.backend.client_states
         saved = {c: copy.deepcopy(states[c]) for c in cids if c in states}
+        t_run = time.perf_counter()
         replies, ctxs = self.backend.run_round(rnd, down, self.knobs, self.mem)
+        self.compute_wall_s += time.perf_counter() - t_run
         replies = self.fleet.tamper(rnd, replies)
         rejected = check_replies(rnd, method, replies, down, self.knobs)
         pre = method.report(state, rnd, cids)
@@ -133,7 +138,7 @@ class Buffered:
 
     def step(self, rnd: int, state, totals) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
         """One server step: top up, wait for K valid replies, apply their staleness-weighted mean."""
-        t0 = totals.clock_s
+        t0, wall0, self.compute_wall_s = totals.clock_s, time.perf_counter(), 0.0
         started = self.launch(rnd, state, totals.clock_s, set())
         tried = set(started)
         buffer: dict[int, Job] = {}
@@ -207,4 +212,6 @@ class Buffered:
             "clients_in_flight": len(self.inflight),
         }
         m.update(report.stats)
+        m[COMPUTE_WALL] = self.compute_wall_s  # the launches' client work; the rest of the step is the server's
+        m[AGGREGATE_WALL] = time.perf_counter() - wall0 - self.compute_wall_s
         return state, m, rows

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from hetfl.engine.sim import SimulatedBackend
 from hetfl.errors import ConfigError
 from hetfl.eval.metrics import EVAL_CLIENT_N, EVAL_N
 from hetfl.system.memory import fits
+from hetfl.track.walltime import AGGREGATE_WALL, COMPUTE_WALL, EVALUATE_WALL, ROUND_WALL
 
 MIB = 2**20  # memory is reported in MiB, like the device profiles
 
@@ -64,7 +66,8 @@ def plan_population(method, scenario) -> tuple[dict[int, dict], dict[int, int]]:
 
 
 def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None] | None = None,
-               resume: bool = False, order: str = "sorted", backend: Callable | None = None) -> list[dict[str, Any]]:
+               resume: bool = False, order: str = "sorted", backend: Callable | None = None,
+               on_client: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
     """Run a whole federated training and return the per-round metrics.
 
     Args:
@@ -78,6 +81,12 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             clients (`run_round(rnd, down, knobs, mem) -> (replies, contexts)`, plus the dicts
             `client_states` and `flop_cache` that checkpoints keep); None: the in-process
             SimulatedBackend. hetfl.flower.backend.FlowerBackend runs the same round on Flower.
+        on_client: `on_client(rnd, done, total)`, called by the simulator as a round starts (done 0)
+            and after each client's update (progress display); a backend without an `on_client`
+            attribute reports no clients.
+
+    Each round's metrics carry its wall-clock split (track/walltime.py): the whole round, the
+    backend's client work, the server's work on the replies and the evaluation.
     """
     from hetfl.system.cost import round_time
 
@@ -91,9 +100,11 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
 
         wireless = WirelessCost(cfg.wireless, scenario.channels)
     if backend is None:
-        backend = SimulatedBackend(scenario, method, link, order=order, selector=selector)
+        backend = SimulatedBackend(scenario, method, link, order=order, selector=selector, on_client=on_client)
     else:
         backend = backend(scenario, method, link, selector)
+        if on_client is not None and hasattr(backend, "on_client"):
+            backend.on_client = on_client
     state = method.setup(scenario)
     knobs, mem = plan_population(method, scenario)
     totals, history, start = Totals(), [], 1
@@ -111,7 +122,9 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             rundir.open()
             rundir.write_config(dump_config(cfg))
         if cfg.eval.at_start:
+            t_eval = time.perf_counter()
             m = {"round": 0, **_zero_round(totals), **evaluate(scenario, method, state, backend.client_states)}
+            m[EVALUATE_WALL] = time.perf_counter() - t_eval
             _emit(m, [], rundir, history, on_round)
 
     fleet = Fleet(cfg, scenario, backend) if fleet_active(cfg) else None
@@ -123,12 +136,15 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         if resume:
             buffered.inflight = ck.get("inflight", [])
 
-    def close_round(rnd: int, state, m: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        """Evaluate, log and checkpoint the round."""
+    def close_round(rnd: int, state, m: dict[str, Any], rows: list[dict[str, Any]], t0: float) -> None:
+        """Evaluate, log and checkpoint the round (which started at perf_counter `t0`)."""
+        t_eval = time.perf_counter()
         if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
             m.update(evaluate(scenario, method, state, backend.client_states))
+        m[EVALUATE_WALL] = time.perf_counter() - t_eval
         ledger.drop_round(rnd)
         link.reset_round(rnd)
+        m[ROUND_WALL] = time.perf_counter() - t0  # the checkpoint written after the log is not counted
         _emit(m, rows, rundir, history, on_round)
         if rundir is not None and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
             ck = {"round": rnd, "state": state, "client_states": backend.client_states, "totals": totals,
@@ -138,9 +154,10 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             rundir.save_checkpoint(ck)
 
     for rnd in range(start, cfg.rounds + 1):
+        t0 = time.perf_counter()
         if buffered is not None:
-            state, m, rows = buffered.step(rnd, state, totals)
-            close_round(rnd, state, m, rows)
+            state, m, rows = buffered.step(rnd, state, totals)  # it measures its own compute / aggregate split
+            close_round(rnd, state, m, rows, t0)
             continue
         if fleet is None:
             cids = sample_clients(cfg.seed, rnd, scenario.num_clients, cfg.population.clients_per_round)
@@ -153,7 +170,9 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
                 link.set_codec(cid, kind, codec)
         if fleet is not None:
             fleet.keep_states(cids)
+        t_compute = time.perf_counter()
         replies, ctxs = backend.run_round(rnd, down, knobs, mem)
+        t_replies = time.perf_counter()
         if fleet is not None:
             replies = fleet.tamper(rnd, replies)
         rejected = check_replies(rnd, method, replies, down, knobs)
@@ -238,7 +257,8 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             m["selection_time_s"] = max(ctxs[c].selection_flops / ctxs[c].device.flops_per_s for c in cids)
             m["clients_trained"] = len(accepted)
         m.update(report.stats)  # method-specific numbers (server FLOPs, chosen ranks, ...)
-        close_round(rnd, state, m, rows)
+        m[COMPUTE_WALL], m[AGGREGATE_WALL] = t_replies - t_compute, time.perf_counter() - t_replies
+        close_round(rnd, state, m, rows, t0)
     if rundir is not None:
         method.export(state, rundir.path)
     return history

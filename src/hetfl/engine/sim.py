@@ -2,19 +2,22 @@
 
 One model object serves every client (parameters are copied in from each client's message),
 so memory does not grow with the population. Client randomness is derived from
-(seed, round, client), so the execution order never changes a result.
+(seed, round, client), so the execution order never changes a result. The clients' private
+states live in a `ClientStates` store (engine/states.py): in memory up to
+`population.state_memory_mb`, on disk beyond it; a client's state is held in memory while it works.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from hetfl.engine.api import ClientContext, Message
 from hetfl.seeding import derive_seed
 from hetfl.engine.link import DOWN, UP, Link
+from hetfl.engine.states import MIB, ClientStates
 from hetfl.errors import ConfigError, HetflWarning
 
 
@@ -26,14 +29,28 @@ class SimulatedBackend:
         method: the method whose hooks run.
         link: the measured link.
         order: client execution order; "sorted" by default. Any order gives identical results.
+        selector: the data-selection stage, or None.
+        on_client: `on_client(rnd, done, total)` as a round's training starts (done 0) and after
+            each client's update (progress display); None: no reports.
     """
 
     def __init__(self, scenario, method, link: Link, order: Literal["sorted", "reverse"] = "sorted",
-                 selector=None):
+                 selector=None, on_client: Callable[[int, int, int], None] | None = None):
         self.scenario, self.method, self.link, self.order = scenario, method, link, order
         self.selector = selector  # optional data-selection stage (selection/base.py)
-        self.client_states: dict[int, dict[str, Any]] = {}  # private per-client state (stateful methods)
+        self.on_client = on_client
+        self.client_states = {}  # private per-client state (stateful methods): the setter makes it a ClientStates
         self.flop_cache: dict = {}  # FLOPs per (method, shape) key, measured once per worker
+
+    @property
+    def client_states(self) -> ClientStates:
+        return self._states
+
+    @client_states.setter
+    def client_states(self, states) -> None:
+        """Replace the private states (on resume: the checkpoint's dict); they are moved into a store
+        with this run's budget (`population.state_memory_mb`), leaving `states` empty."""
+        self._states = ClientStates.moved_from(states, int(self.scenario.cfg.population.state_memory_mb * MIB))
 
     def run_round(self, rnd: int, down: dict[int, Message], knobs: dict[int, dict],
                   mem: dict[int, int]) -> tuple[dict[int, Message], dict[int, ClientContext]]:
@@ -45,13 +62,23 @@ class SimulatedBackend:
         if self.selector is not None:
             self.select(rnd, cids, ctxs, msgs)
         active = [cid for cid in cids if ctxs[cid].data]  # an empty coreset: the client skips training
+        self._progress(rnd, 0, len(active))
         if self.method.schedule == "lockstep":
-            return self.run_lockstep(rnd, active, msgs, ctxs), ctxs
+            replies = self.run_lockstep(rnd, active, msgs, ctxs)
+            self.client_states.release(*cids)
+            return replies, ctxs
         replies = {}
         for cid in active:
             reply = train_client(self.method, msgs[cid], ctxs[cid])
+            self.client_states.release(cid)  # its work is done: its state may spill
             replies[cid] = self.link.send(UP, rnd, cid, reply.kind or "update", reply)
+            self._progress(rnd, len(replies), len(active))
+        self.client_states.release(*cids)  # and those that skipped the round (empty coreset)
         return replies, ctxs
+
+    def _progress(self, rnd: int, done: int, total: int) -> None:
+        if self.on_client is not None:
+            self.on_client(rnd, done, total)
 
     def run_lockstep(self, rnd: int, cids: list[int], msgs: dict[int, Message],
                      ctxs: dict[int, ClientContext]) -> dict[int, Message]:
@@ -71,6 +98,7 @@ class SimulatedBackend:
                 except StopIteration as done:
                     replies[cid] = self.link.send(UP, rnd, cid, done.value.kind or "update", done.value)
                     del steps[cid]
+                    self._progress(rnd, len(replies), len(cids))
             if steps:
                 self.method.barrier(rnd, k)
             k += 1
@@ -101,7 +129,7 @@ class SimulatedBackend:
             from hetfl.engine.split import LinkedServer
 
             server = LinkedServer(self.link, rnd, cid, self.method.server_call(rnd))
-        return client_context(self.scenario, rnd, cid, knobs, mem, self.client_states.setdefault(cid, {}),
+        return client_context(self.scenario, rnd, cid, knobs, mem, self.client_states.hold(cid),
                               self.flop_cache, server)
 
 

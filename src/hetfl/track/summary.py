@@ -12,6 +12,8 @@ from rich.table import Table
 
 from hetfl.track.report import primary_metric
 from hetfl.track.rundir import read_metrics
+from hetfl.track.walltime import AGGREGATE_WALL, COMPUTE_WALL, EVALUATE_WALL, ROUND_WALL
+
 
 def summarize(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     metric = primary_metric(history)
@@ -35,6 +37,41 @@ def summarize(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def wall_split(history: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean wall seconds per trained round, whole and by part, over the rounds that measured them.
+
+    Args:
+        history: metrics.jsonl's rows.
+
+    Returns:
+        `rounds` (how many were averaged), `round_s`, `compute_s`, `aggregate_s`, `evaluate_s` and
+        `other_s` (the rest: sampling, configure, logging); None when no round has the timings
+        (round 0 only, or a run written before they were measured).
+    """
+    rows = [m for m in history if m.get("round", 0) > 0 and ROUND_WALL in m]
+    if not rows:
+        return None
+    mean = {k: sum(m.get(key, 0.0) for m in rows) / len(rows)
+            for k, key in (("round_s", ROUND_WALL), ("compute_s", COMPUTE_WALL), ("aggregate_s", AGGREGATE_WALL),
+                           ("evaluate_s", EVALUATE_WALL))}
+    other = max(0.0, mean["round_s"] - mean["compute_s"] - mean["aggregate_s"] - mean["evaluate_s"])
+    return {"rounds": len(rows), **mean, "other_s": other}
+
+
+def format_wall_split(split: dict[str, float]) -> str:
+    """One line: the mean round's wall time and its parts, each with its share of the round."""
+    total = split["round_s"]
+
+    def part(name: str, key: str) -> str:
+        share = split[key] / total if total > 0 else 0.0
+        return f"{name} {_fmt(split[key])} s ({share:.0%})"
+
+    n = int(split["rounds"])
+    return (f"wall time per round (mean of {n} round{'s' if n != 1 else ''}): {_fmt(total)} s = "
+            f"{part('compute', 'compute_s')} + {part('aggregation', 'aggregate_s')} + "
+            f"{part('evaluation', 'evaluate_s')} + {part('other', 'other_s')}")
+
+
 def print_run_summary(cfg, history, out: Path) -> None:
     s = summarize(history)
     con = Console()
@@ -42,6 +79,9 @@ def print_run_summary(cfg, history, out: Path) -> None:
     con.print(f"[bold]{cfg.name}[/] ({cfg.method.name}): {q} {s['base_quality']} -> {s['final_quality']}, "
               f"up {s['mb_up']} MB, down {s['mb_down']} MB, simulated {s['sim_time_s']} s, {s['energy_j']} J, "
               f"client peak memory {s['client_mem_peak_mb']} MB")
+    split = wall_split(history)
+    if split is not None:
+        con.print(format_wall_split(split), highlight=False, soft_wrap=True)  # one line, in logs too
     con.print(f"outputs in {out}/ (report.md, metrics.jsonl, clients.csv)")
 
 
