@@ -113,9 +113,8 @@ def test_flower_run_equals_simulator(tmp_path, monkeypatch):
     client trains under the same (seed, round, client) seeds, and the link (codec draws, byte
     counts) runs on the server in both cases, so every number and file comes out identical.
 
-    One known exception, absent here: a step run under FlopCounterMode (the first of each batch
-    shape per worker; the simulator's cache is shared by all clients, each SuperNode has its own)
-    can pick other kernels (e.g. attention) and differ in the last bits. This MLP's kernels do not."""
+    FLOP counting (the first step of each batch shape, per worker: the simulator's cache is shared
+    by all clients, each SuperNode has its own) leaves a step's numbers unchanged (engine/flops.py)."""
     pytest.importorskip("flwr")
     from hetfl.flower.launch import run_flower
     from hetfl.runner import run_experiment

@@ -84,19 +84,19 @@ class ClientContext:
     def compute(self, key: Any, fn: Callable[[], Any]) -> Any:
         """Run `fn` (one forward+backward step) and add its FLOPs to this client's count.
 
-        FLOPs are measured with torch's FlopCounterMode the first time a `key` (which must
-        capture everything the FLOPs depend on: shapes, ranks, ...) is seen, then cached, so
-        counting costs one instrumented step per shape rather than a slowdown of every step.
+        FLOPs are measured (engine/flops.py) the first time a `key` (which must capture everything
+        the FLOPs depend on: shapes, ranks, ...) is seen, then cached, so counting costs one
+        instrumented step per shape rather than a slowdown of every step. A counted step gives the
+        same numbers as a plain one, so which step is counted (which worker saw a shape first)
+        never changes a result.
         """
         cached = self._flop_cache.get(key)
         if cached is not None:
             self.flops += cached
             return fn()
-        from torch.utils.flop_counter import FlopCounterMode
+        from hetfl.engine.flops import count_flops
 
-        with FlopCounterMode(display=False) as counter:
-            out = fn()
-        self._flop_cache[key] = float(counter.get_total_flops())
+        out, self._flop_cache[key] = count_flops(fn)
         self.flops += self._flop_cache[key]
         return out
 

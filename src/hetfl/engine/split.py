@@ -38,7 +38,7 @@ class LinkedServer:
 @dataclass
 class ServerMeter:
     """FLOPs spent by the server, measured exactly like a client's (`ClientContext.compute`:
-    FlopCounterMode on the first call per key, cached afterwards)."""
+    engine/flops.py on the first call per key, cached afterwards)."""
 
     flops: float = 0.0
     _flop_cache: dict = field(default_factory=dict, repr=False)

@@ -189,7 +189,7 @@ class SFLAM(Method):
     def probe(self, cut: int) -> dict[str, float]:
         """FLOPs per batch of the device part and of the server part at `cut`, and the range of
         the cut activations, measured once on a batch of the server's own evaluation samples."""
-        from torch.utils.flop_counter import FlopCounterMode
+        from hetfl.engine.flops import count_flops
 
         if cut in self.probes:
             return self.probes[cut]
@@ -202,16 +202,17 @@ class SFLAM(Method):
         try:
             for n, p in model.named_parameters():
                 p.requires_grad_(n in dev)
-            with FlopCounterMode(display=False) as fc:
+            def device_part():
                 h, mask = head_forward(model, batch, cut)
                 h.backward(torch.ones_like(h))
-            device_flops = float(fc.get_total_flops())
+                return h, mask
+
+            (h, mask), device_flops = count_flops(device_part)
             for n, p in model.named_parameters():
                 p.requires_grad_(n in srv)
             z = h.detach().requires_grad_(True)
-            with FlopCounterMode(display=False) as fc:
-                per_sample_ce(model.tail(body_forward(model, z, mask, cut), mask), batch["labels"]).mean().backward()
-            server_flops = float(fc.get_total_flops())
+            _, server_flops = count_flops(lambda: per_sample_ce(
+                model.tail(body_forward(model, z, mask, cut), mask), batch["labels"]).mean().backward())
         finally:
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
