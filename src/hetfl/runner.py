@@ -33,7 +33,7 @@ def build_run(cfg: Config):
 def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, resume: bool = False,
                    on_round: Callable[[dict], None] | None = None, report: bool = True,
                    backend: Callable | None = None,
-                   on_client: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
+                   on_client: Callable[[int, int, int], None] | None = None, workers: int = 1) -> list[dict[str, Any]]:
     """Build the scenario and run `cfg` to completion, writing outputs under `out`.
 
     Args:
@@ -45,6 +45,7 @@ def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, 
         report: write report.md with plots at the end.
         backend: the round loop's backend factory (see `run_rounds`); None: the simulator.
         on_client: `on_client(rnd, done, total)` per client update within a round (see `run_rounds`).
+        workers: simulator worker processes (engine/workers.py); results do not depend on it.
 
     Returns:
         The per-round metrics.
@@ -57,7 +58,7 @@ def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, 
         rundir = RunDir(out, mode="resume" if resume else "new", force=force)
     scenario, method = build_run(cfg)
     history = run_rounds(scenario, method, rundir, on_round=on_round, resume=resume, backend=backend,
-                         on_client=on_client)
+                         on_client=on_client, workers=workers)
     if rundir is not None and report:
         from hetfl.track.report import write_report
 

@@ -1,4 +1,4 @@
-"""hetfl run PRESET_OR_YAML [--set k=v ...] [--out DIR] [--force] [--backend sim|flower [--supernodes N]
+"""hetfl run PRESET_OR_YAML [--set k=v ...] [--out DIR] [--force] [--workers N] [--backend sim|flower [--supernodes N]
 [--superlink HOST:PORT]] | hetfl run --resume DIR"""
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default runs/<name>)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="--backend sim: processes that train a round's clients, one torch thread each (default: "
+                        "one per core); results do not depend on it")
     p.add_argument("--backend", choices=("sim", "flower"), default="sim",
                    help="sim: the in-process simulator (default); flower: clients on Flower SuperNodes")
     p.add_argument("--supernodes", type=int, default=2, metavar="N",
@@ -34,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.backend != "flower" and args.superlink:
         raise ConfigError("--superlink needs --backend flower")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    if args.workers is not None and args.backend == "flower":
+        raise ConfigError("--workers applies to --backend sim (on Flower, each SuperNode is a worker: --supernodes)")
     if args.resume:
         if args.backend == "flower":
             raise ConfigError("--resume: resuming runs only on --backend sim (Flower clients keep their state on "
@@ -64,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
             history = run_flower(cfg, out, supernodes=args.supernodes, superlink=args.superlink, force=args.force,
                                  on_round=bar)
         else:
+            from hetfl.engine.workers import default_workers
+
             history = run_experiment(cfg, out, force=args.force, resume=bool(args.resume), on_round=bar,
-                                     on_client=bar.on_client)
+                                     on_client=bar.on_client, workers=args.workers or default_workers())
     print_run_summary(cfg, history, out)
     return 0

@@ -67,7 +67,7 @@ def plan_population(method, scenario) -> tuple[dict[int, dict], dict[int, int]]:
 
 def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None] | None = None,
                resume: bool = False, order: str = "sorted", backend: Callable | None = None,
-               on_client: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
+               on_client: Callable[[int, int, int], None] | None = None, workers: int = 1) -> list[dict[str, Any]]:
     """Run a whole federated training and return the per-round metrics.
 
     Args:
@@ -84,6 +84,8 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         on_client: `on_client(rnd, done, total)`, called by the simulator as a round starts (done 0)
             and after each client's update (progress display); a backend without an `on_client`
             attribute reports no clients.
+        workers: the simulator's worker processes for a round's clients (engine/workers.py);
+            results do not depend on it. 1: every client in this process.
 
     Each round's metrics carry its wall-clock split (track/walltime.py): the whole round, the
     backend's client work, the server's work on the replies and the evaluation.
@@ -100,168 +102,175 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
 
         wireless = WirelessCost(cfg.wireless, scenario.channels)
     if backend is None:
-        backend = SimulatedBackend(scenario, method, link, order=order, selector=selector, on_client=on_client)
+        backend = SimulatedBackend(scenario, method, link, order=order, selector=selector, on_client=on_client,
+                                   workers=workers)
     else:
         backend = backend(scenario, method, link, selector)
         if on_client is not None and hasattr(backend, "on_client"):
             backend.on_client = on_client
-    state = method.setup(scenario)
-    knobs, mem = plan_population(method, scenario)
-    totals, history, start = Totals(), [], 1
+    try:
+        state = method.setup(scenario)
+        knobs, mem = plan_population(method, scenario)
+        totals, history, start = Totals(), [], 1
 
-    if resume:
-        ck = rundir.load_checkpoint()
-        state, backend.client_states, totals, start = ck["state"], ck["client_states"], ck["totals"], ck["round"] + 1
-        # A step run under FlopCounterMode differs from a plain one in the last float bits (torch
-        # dispatches some backward kernels differently), so which steps get counted must not depend
-        # on where the run was interrupted: the cache of already-counted shapes is part of the state.
-        backend.flop_cache.update(ck.get("flop_cache", {}))
-        history = [r for r in _read_history(rundir)]
-    else:
-        if rundir is not None:
-            rundir.open()
-            rundir.write_config(dump_config(cfg))
-        if cfg.eval.at_start:
-            t_eval = time.perf_counter()
-            m = {"round": 0, **_zero_round(totals), **evaluate(scenario, method, state, backend.client_states)}
-            m[EVALUATE_WALL] = time.perf_counter() - t_eval
-            _emit(m, [], rundir, history, on_round)
-
-    fleet = Fleet(cfg, scenario, backend) if fleet_active(cfg) else None
-    buffered = None
-    if cfg.server.mode == "async":  # FedBuff: one loop round is one server step (engine/asyncfl.py)
-        from hetfl.engine.asyncfl import Buffered
-
-        buffered = Buffered(cfg, scenario, method, link, ledger, backend, wireless, knobs, mem, fleet)
         if resume:
-            buffered.inflight = ck.get("inflight", [])
+            ck = rundir.load_checkpoint()
+            state, backend.client_states, totals, start = ck["state"], ck["client_states"], ck["totals"], ck["round"] + 1
+            # The cache of already-counted shapes only saves time (a counted step gives the same
+            # numbers, engine/flops.py); it is checkpointed so a resumed run counts no shape twice.
+            backend.flop_cache.update(ck.get("flop_cache", {}))
+            history = [r for r in _read_history(rundir)]
+        else:
+            if rundir is not None:
+                rundir.open()
+                rundir.write_config(dump_config(cfg))
+            if cfg.eval.at_start:
+                t_eval = time.perf_counter()
+                m = {"round": 0, **_zero_round(totals), **evaluate(scenario, method, state, backend.client_states)}
+                m[EVALUATE_WALL] = time.perf_counter() - t_eval
+                _emit(m, [], rundir, history, on_round)
 
-    def close_round(rnd: int, state, m: dict[str, Any], rows: list[dict[str, Any]], t0: float) -> None:
-        """Evaluate, log and checkpoint the round (which started at perf_counter `t0`)."""
-        t_eval = time.perf_counter()
-        if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-            m.update(evaluate(scenario, method, state, backend.client_states))
-        m[EVALUATE_WALL] = time.perf_counter() - t_eval
-        ledger.drop_round(rnd)
-        link.reset_round(rnd)
-        m[ROUND_WALL] = time.perf_counter() - t0  # the checkpoint written after the log is not counted
-        _emit(m, rows, rundir, history, on_round)
-        if rundir is not None and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
-            ck = {"round": rnd, "state": state, "client_states": backend.client_states, "totals": totals,
-                  "flop_cache": backend.flop_cache}
+        fleet = Fleet(cfg, scenario, backend) if fleet_active(cfg) else None
+        buffered = None
+        if cfg.server.mode == "async":  # FedBuff: one loop round is one server step (engine/asyncfl.py)
+            from hetfl.engine.asyncfl import Buffered
+
+            buffered = Buffered(cfg, scenario, method, link, ledger, backend, wireless, knobs, mem, fleet)
+            if resume:
+                buffered.inflight = ck.get("inflight", [])
+
+        def close_round(rnd: int, state, m: dict[str, Any], rows: list[dict[str, Any]], t0: float) -> None:
+            """Evaluate, log and checkpoint the round (which started at perf_counter `t0`)."""
+            t_eval = time.perf_counter()
+            if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+                m.update(evaluate(scenario, method, state, backend.client_states))
+            m[EVALUATE_WALL] = time.perf_counter() - t_eval
+            ledger.drop_round(rnd)
+            link.reset_round(rnd)
+            m[ROUND_WALL] = time.perf_counter() - t0  # the checkpoint written after the log is not counted
+            _emit(m, rows, rundir, history, on_round)
+            if rundir is not None and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
+                ck = {"round": rnd, "state": state, "client_states": backend.client_states, "totals": totals,
+                      "flop_cache": backend.flop_cache}
+                if buffered is not None:
+                    ck["inflight"] = buffered.inflight
+                rundir.save_checkpoint(ck)
+
+        for rnd in range(start, cfg.rounds + 1):
+            t0 = time.perf_counter()
             if buffered is not None:
-                ck["inflight"] = buffered.inflight
-            rundir.save_checkpoint(ck)
+                state, m, rows = buffered.step(rnd, state, totals)  # it measures its own compute / aggregate split
+                close_round(rnd, state, m, rows, t0)
+                continue
+            if fleet is None:
+                cids = sample_clients(cfg.seed, rnd, scenario.num_clients, cfg.population.clients_per_round)
+            else:
+                cids = fleet.sample(rnd, totals)
+            down = method.configure(state, rnd, cids)
+            link.clear_codecs()  # per-client codec choices (e.g. each device's activation bits) hold for one round
+            for cid, kinds in method.codecs(rnd, cids).items():
+                for kind, codec in kinds.items():
+                    link.set_codec(cid, kind, codec)
+            if fleet is not None:
+                fleet.keep_states(cids)
+            t_compute = time.perf_counter()
+            replies, ctxs = backend.run_round(rnd, down, knobs, mem)
+            t_replies = time.perf_counter()
+            if fleet is not None:
+                replies = fleet.tamper(rnd, replies)
+            rejected = check_replies(rnd, method, replies, down, knobs)
+            # The server's view of the round's timing comes first (the server FLOPs and radio of a split
+            # method come from the round's client work); what it aggregates depends on it.
+            pre = method.report(state, rnd, cids)
+            ups = {c: ledger.bytes(rnd=rnd, cid=c, direction=UP) for c in cids}
+            downs = {c: ledger.bytes(rnd=rnd, cid=c, direction=DOWN) for c in cids}
+            # A sequential method (SplitFed V2, vanilla SL) serves clients one at a time: each waits for
+            # the previous ones, alone on the server.
+            sequential = method.schedule == "sequential"
+            costs = round_costs(scenario, wireless, cids, ctxs, ups, downs, pre, sequential)
+            if fleet is None:
+                status = {c: REJECTED if c in rejected else OK for c in cids}
+                t_round, share, finish = round_time(costs.values(), sequential=sequential), {}, {}
+            else:
+                order = method.client_order(rnd, sorted(cids)) if sequential else sorted(cids)
+                st = fleet.settle(rnd, order, costs, set(rejected), totals, sequential)
+                status, t_round, share, finish = st.status, st.t_round, st.share, st.finish_s
+            accepted = {c: r for c, r in replies.items() if status[c] == OK}
+            if accepted:  # else every sampled client dropped, was late or was rejected: the model stays
+                state = method.aggregate(state, rnd, accepted)
+            report = method.report(state, rnd, cids)
+            if fleet is not None:
+                fleet.restore_states([c for c in cids if status[c] != OK])
+                # a dropped client sent its download and `share` of its per-batch traffic, not its reply
+                by_client = {c: client_by_kind(ledger, rnd, c) for c in cids}
+                for c in cids:
+                    if status[c] == DROPPED:
+                        ups[c], downs[c], by_client[c] = dropped_bytes(
+                            ledger, rnd, c, share[c], (replies[c].kind or "update") if c in replies else None,
+                            down[c].kind or "model")
 
-    for rnd in range(start, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        if buffered is not None:
-            state, m, rows = buffered.step(rnd, state, totals)  # it measures its own compute / aggregate split
+            rows, spent = [], {}
+            for cid in cids:
+                ctx, up, dn, c = ctxs[cid], ups[cid], downs[cid], costs[cid]
+                part = share.get(cid, 1.0)  # a dropped client spent this share of its work
+                spent[cid] = (c.energy_j, ctx.flops) if part == 1.0 else (part * c.energy_j, part * ctx.flops)
+                meta = replies[cid].meta if cid in replies else {}  # absent: skipped (empty coreset)
+                rows.append({
+                    "round": rnd, "client": cid, "tier": scenario.population.tiers[cid],
+                    "rank": meta.get("rank", ctx.knobs.get("rank", "")),
+                    "num_examples": meta.get(NUM_EXAMPLES, 0),
+                    "train_loss": round(float(meta.get(TRAIN_LOSS, float("nan"))), 6),
+                    "bytes_up": up, "bytes_down": dn, "flops": int(spent[cid][1]), "t_comp_s": c.t_comp,
+                    "t_up_s": c.t_up, "t_down_s": c.t_down, "t_server_s": c.t_server,
+                    "sim_time_s": finish.get(cid, c.time_s), "energy_j": spent[cid][0],
+                    "mem_mb": round(ctx.mem_bytes / MIB, 3), "status": status[cid], "reason": rejected.get(cid, ""),
+                    **report.client_rows.get(cid, {}),  # e.g. the allocation
+                })
+            method.observe(state, rnd, costs)  # e.g. adaptive per-client budgets from observed cost
+            up_r, dn_r = sum(ups.values()), sum(downs.values())
+            energy_r = sum(e for e, _ in spent.values())
+            flops_r = sum(f for _, f in spent.values())
+            totals.bytes_up += up_r
+            totals.bytes_down += dn_r
+            totals.sim_time_s += t_round
+            totals.clock_s += t_round
+            totals.energy_j += energy_r
+            totals.flops += flops_r
+            losses = {c: float(r.meta.get(TRAIN_LOSS, float("nan"))) for c, r in accepted.items()}
+            weights = {c: float(r.meta.get(NUM_EXAMPLES, 1)) for c, r in accepted.items()}
+            m = {
+                "round": rnd, "train_loss": weighted_mean(losses, weights),
+                "bytes_up": up_r, "bytes_down": dn_r,
+                "bytes_up_total": totals.bytes_up, "bytes_down_total": totals.bytes_down,
+                "round_time_s": t_round, "sim_time_s": totals.sim_time_s,
+                "round_energy_j": energy_r, "energy_j": totals.energy_j,
+                "client_flops": flops_r, "flops_total": totals.flops,
+                "client_mem_peak_mb": max(ctxs[c].mem_bytes for c in cids) / MIB,
+                "bytes_by_kind": ({f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())}
+                                  if fleet is None else merge_by_kind(by_client.values())),
+            }
+            if fleet is not None or rejected:
+                m.update(fleet_stats(cids, status, ups, downs, spent, totals))
+            if selector is not None:
+                local = sum(ctxs[c].local_total for c in cids)
+                m["data_fraction"] = sum(len(ctxs[c].data) for c in cids) / local if local else 0.0
+                m["coreset_size"] = sum(len(ctxs[c].data) for c in cids)
+                m["selection_flops"] = sum(ctxs[c].selection_flops for c in cids)
+                # Clients select in parallel: the stage's simulated compute time is the slowest client's.
+                m["selection_time_s"] = max(ctxs[c].selection_flops / ctxs[c].device.flops_per_s for c in cids)
+                m["clients_trained"] = len(accepted)
+            m.update(report.stats)  # method-specific numbers (server FLOPs, chosen ranks, ...)
+            m[COMPUTE_WALL], m[AGGREGATE_WALL] = t_replies - t_compute, time.perf_counter() - t_replies
+            # Aggregated: free the replies (a full-model delta each with Ditto or FedAvg) now, not when the
+            # next round's have all arrived, so a round's peak holds one cohort of replies, not two.
+            del replies, accepted
             close_round(rnd, state, m, rows, t0)
-            continue
-        if fleet is None:
-            cids = sample_clients(cfg.seed, rnd, scenario.num_clients, cfg.population.clients_per_round)
-        else:
-            cids = fleet.sample(rnd, totals)
-        down = method.configure(state, rnd, cids)
-        link.clear_codecs()  # per-client codec choices (e.g. each device's activation bits) hold for one round
-        for cid, kinds in method.codecs(rnd, cids).items():
-            for kind, codec in kinds.items():
-                link.set_codec(cid, kind, codec)
-        if fleet is not None:
-            fleet.keep_states(cids)
-        t_compute = time.perf_counter()
-        replies, ctxs = backend.run_round(rnd, down, knobs, mem)
-        t_replies = time.perf_counter()
-        if fleet is not None:
-            replies = fleet.tamper(rnd, replies)
-        rejected = check_replies(rnd, method, replies, down, knobs)
-        # The server's view of the round's timing comes first (the server FLOPs and radio of a split
-        # method come from the round's client work); what it aggregates depends on it.
-        pre = method.report(state, rnd, cids)
-        ups = {c: ledger.bytes(rnd=rnd, cid=c, direction=UP) for c in cids}
-        downs = {c: ledger.bytes(rnd=rnd, cid=c, direction=DOWN) for c in cids}
-        # A sequential method (SplitFed V2, vanilla SL) serves clients one at a time: each waits for
-        # the previous ones, alone on the server.
-        sequential = method.schedule == "sequential"
-        costs = round_costs(scenario, wireless, cids, ctxs, ups, downs, pre, sequential)
-        if fleet is None:
-            status = {c: REJECTED if c in rejected else OK for c in cids}
-            t_round, share, finish = round_time(costs.values(), sequential=sequential), {}, {}
-        else:
-            order = method.client_order(rnd, sorted(cids)) if sequential else sorted(cids)
-            st = fleet.settle(rnd, order, costs, set(rejected), totals, sequential)
-            status, t_round, share, finish = st.status, st.t_round, st.share, st.finish_s
-        accepted = {c: r for c, r in replies.items() if status[c] == OK}
-        if accepted:  # else every sampled client dropped, was late or was rejected: the model stays
-            state = method.aggregate(state, rnd, accepted)
-        report = method.report(state, rnd, cids)
-        if fleet is not None:
-            fleet.restore_states([c for c in cids if status[c] != OK])
-            # a dropped client sent its download and `share` of its per-batch traffic, not its reply
-            by_client = {c: client_by_kind(ledger, rnd, c) for c in cids}
-            for c in cids:
-                if status[c] == DROPPED:
-                    ups[c], downs[c], by_client[c] = dropped_bytes(
-                        ledger, rnd, c, share[c], (replies[c].kind or "update") if c in replies else None,
-                        down[c].kind or "model")
-
-        rows, spent = [], {}
-        for cid in cids:
-            ctx, up, dn, c = ctxs[cid], ups[cid], downs[cid], costs[cid]
-            part = share.get(cid, 1.0)  # a dropped client spent this share of its work
-            spent[cid] = (c.energy_j, ctx.flops) if part == 1.0 else (part * c.energy_j, part * ctx.flops)
-            meta = replies[cid].meta if cid in replies else {}  # absent: skipped (empty coreset)
-            rows.append({
-                "round": rnd, "client": cid, "tier": scenario.population.tiers[cid],
-                "rank": meta.get("rank", ctx.knobs.get("rank", "")),
-                "num_examples": meta.get(NUM_EXAMPLES, 0),
-                "train_loss": round(float(meta.get(TRAIN_LOSS, float("nan"))), 6),
-                "bytes_up": up, "bytes_down": dn, "flops": int(spent[cid][1]), "t_comp_s": c.t_comp,
-                "t_up_s": c.t_up, "t_down_s": c.t_down, "t_server_s": c.t_server,
-                "sim_time_s": finish.get(cid, c.time_s), "energy_j": spent[cid][0],
-                "mem_mb": round(ctx.mem_bytes / MIB, 3), "status": status[cid], "reason": rejected.get(cid, ""),
-                **report.client_rows.get(cid, {}),  # e.g. the allocation
-            })
-        method.observe(state, rnd, costs)  # e.g. adaptive per-client budgets from observed cost
-        up_r, dn_r = sum(ups.values()), sum(downs.values())
-        energy_r = sum(e for e, _ in spent.values())
-        flops_r = sum(f for _, f in spent.values())
-        totals.bytes_up += up_r
-        totals.bytes_down += dn_r
-        totals.sim_time_s += t_round
-        totals.clock_s += t_round
-        totals.energy_j += energy_r
-        totals.flops += flops_r
-        losses = {c: float(r.meta.get(TRAIN_LOSS, float("nan"))) for c, r in accepted.items()}
-        weights = {c: float(r.meta.get(NUM_EXAMPLES, 1)) for c, r in accepted.items()}
-        m = {
-            "round": rnd, "train_loss": weighted_mean(losses, weights),
-            "bytes_up": up_r, "bytes_down": dn_r,
-            "bytes_up_total": totals.bytes_up, "bytes_down_total": totals.bytes_down,
-            "round_time_s": t_round, "sim_time_s": totals.sim_time_s,
-            "round_energy_j": energy_r, "energy_j": totals.energy_j,
-            "client_flops": flops_r, "flops_total": totals.flops,
-            "client_mem_peak_mb": max(ctxs[c].mem_bytes for c in cids) / MIB,
-            "bytes_by_kind": ({f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())}
-                              if fleet is None else merge_by_kind(by_client.values())),
-        }
-        if fleet is not None or rejected:
-            m.update(fleet_stats(cids, status, ups, downs, spent, totals))
-        if selector is not None:
-            local = sum(ctxs[c].local_total for c in cids)
-            m["data_fraction"] = sum(len(ctxs[c].data) for c in cids) / local if local else 0.0
-            m["coreset_size"] = sum(len(ctxs[c].data) for c in cids)
-            m["selection_flops"] = sum(ctxs[c].selection_flops for c in cids)
-            # Clients select in parallel: the stage's simulated compute time is the slowest client's.
-            m["selection_time_s"] = max(ctxs[c].selection_flops / ctxs[c].device.flops_per_s for c in cids)
-            m["clients_trained"] = len(accepted)
-        m.update(report.stats)  # method-specific numbers (server FLOPs, chosen ranks, ...)
-        m[COMPUTE_WALL], m[AGGREGATE_WALL] = t_replies - t_compute, time.perf_counter() - t_replies
-        close_round(rnd, state, m, rows, t0)
-    if rundir is not None:
-        method.export(state, rundir.path)
-    return history
+        if rundir is not None:
+            method.export(state, rundir.path)
+        return history
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()  # its worker processes, if any
 
 
 def evaluate(scenario, method, state, client_states: dict[int, dict]) -> dict[str, float]:

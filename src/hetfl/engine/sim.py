@@ -10,7 +10,8 @@ states live in a `ClientStates` store (engine/states.py): in memory up to
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Literal
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
@@ -32,15 +33,30 @@ class SimulatedBackend:
         selector: the data-selection stage, or None.
         on_client: `on_client(rnd, done, total)` as a round's training starts (done 0) and after
             each client's update (progress display); None: no reports.
+        workers: processes that train a `parallel` method's clients (engine/workers.py), started
+            at the first round that has two clients to train; 1: all in this process. Results do
+            not depend on it.
     """
 
     def __init__(self, scenario, method, link: Link, order: Literal["sorted", "reverse"] = "sorted",
-                 selector=None, on_client: Callable[[int, int, int], None] | None = None):
+                 selector=None, on_client: Callable[[int, int, int], None] | None = None, workers: int = 1):
         self.scenario, self.method, self.link, self.order = scenario, method, link, order
         self.selector = selector  # optional data-selection stage (selection/base.py)
         self.on_client = on_client
+        self.workers = workers
+        self.pool = None  # the WorkerPool, once started
+        self.coresets: dict[int, list[int]] = {}  # this round's selection: client -> kept sample indices
         self.client_states = {}  # private per-client state (stateful methods): the setter makes it a ClientStates
         self.flop_cache: dict = {}  # FLOPs per (method, shape) key, measured once per worker
+
+    @property
+    def pooled(self) -> bool:
+        """Whether this method's clients train in the workers: `parallel` methods that make no
+        per-batch server calls. Split methods stay here: their server step and their clients'
+        steps share this process's one model object, and what a client reads of it between
+        calls (as the methods are written) differs when the client runs elsewhere (measured on
+        SFLAM: other losses from round 1 on)."""
+        return self.method.schedule == "parallel" and not self.method.calls_server
 
     @property
     def client_states(self) -> ClientStates:
@@ -67,6 +83,10 @@ class SimulatedBackend:
             replies = self.run_lockstep(rnd, active, msgs, ctxs)
             self.client_states.release(*cids)
             return replies, ctxs
+        if self.workers > 1 and self.pooled and len(active) > 1:
+            replies = self.run_pool(rnd, active, msgs, ctxs)
+            self.client_states.release(*cids)
+            return replies, ctxs
         replies = {}
         for cid in active:
             reply = train_client(self.method, msgs[cid], ctxs[cid])
@@ -75,6 +95,38 @@ class SimulatedBackend:
             self._progress(rnd, len(replies), len(active))
         self.client_states.release(*cids)  # and those that skipped the round (empty coreset)
         return replies, ctxs
+
+    def run_pool(self, rnd: int, cids: list[int], msgs: dict[int, Message],
+                 ctxs: dict[int, ClientContext]) -> dict[int, Message]:
+        """Train `cids` in the worker processes; replies go up the link in `cids` order."""
+        from hetfl.engine.workers import WorkerPool, apply_counters
+
+        if self.pool is None:
+            self.pool = WorkerPool(self.scenario.cfg, self.workers)
+        out: dict[int, Message] = {}
+
+        def job(cid: int) -> tuple:
+            ctx = ctxs[cid]
+            coreset = None
+            if self.selector is not None:
+                coreset = (self.coresets[cid], ctx.local_total, ctx.selection_flops, ctx.flops)
+            return ctx.knobs, ctx.mem_bytes, msgs[cid], dict(self.client_states[cid]), coreset
+
+        def done(cid: int, reply: Message, state: dict, counters: dict) -> None:
+            self.client_states[cid] = state
+            self.client_states.release(cid)
+            apply_counters(ctxs[cid], counters)
+            out[cid] = reply
+            self._progress(rnd, len(out), len(cids))
+
+        self.pool.train(rnd, cids, job, done)
+        return {cid: self.link.send(UP, rnd, cid, out[cid].kind or "update", out[cid]) for cid in cids}
+
+    def close(self) -> None:
+        """Stop the worker processes (the round loop calls this when the run ends)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def _progress(self, rnd: int, done: int, total: int) -> None:
         if self.on_client is not None:
@@ -118,6 +170,7 @@ class SimulatedBackend:
             if d is not None:
                 d = self.link.send(DOWN, rnd, cid, d.kind or "selection", d)
             keep = self.selector.apply(d, ctx)
+            self.coresets[cid] = list(keep)
             ctx.local_total, ctx.selection_flops = len(ctx.data), ctx.flops
             ctx.data = [ctx.data[i] for i in keep]
         check_coresets(rnd, {cid: len(ctxs[cid].data) for cid in cids}, self.scenario.cfg,
@@ -181,6 +234,28 @@ def client_context(scenario, rnd: int, cid: int, knobs: dict, mem: int, state: d
 
 
 def train_client(method, msg: Message, ctx: ClientContext) -> Message:
-    """Run `method.client_update` with torch's global RNG (dropout etc.) seeded by (seed, round, client)."""
+    """Run `method.client_update` with torch's global RNG (dropout etc.) seeded by (seed, round, client),
+    on one torch thread.
+
+    One thread, wherever it runs: torch's kernels can sum in another order with another thread
+    count (measured: FLoRAL on the digits MLP ends in other last bits with 2 threads than with 1),
+    so a client's update must not depend on how many threads its process has. Parallelism comes
+    from running clients side by side (engine/workers.py), not from threads inside one update.
+    """
     torch.manual_seed(derive_seed(ctx.seed, ctx.rnd, ctx.cid, "torch"))
-    return method.client_update(msg, ctx)
+    with one_thread():
+        return method.client_update(msg, ctx)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one torch thread (a client's update)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
