@@ -63,8 +63,8 @@ def test_two_workers_give_the_one_process_results(name, tmp_path):
     run(cfg, tmp_path / "one", 1)
     sc, method = build_run(cfg)
     CountingBackend.started = []
-    run_rounds(sc, method, RunDir(tmp_path / "two"), workers=2,
-               backend=lambda s, m, link, sel: CountingBackend(s, m, link, selector=sel, workers=2))
+    run_rounds(sc, method, RunDir(tmp_path / "two"),
+               backend=lambda s, m, link, sel: CountingBackend(s, m, link, selector=sel, workers=2, build=build_run))
     assert_same_run(tmp_path / "one", tmp_path / "two")
     spec = METHODS.get(name).factory
     pooled = spec.schedule == "parallel" and not spec.calls_server
@@ -106,7 +106,7 @@ def test_a_killed_worker_names_client_and_round_and_the_run_resumes(tmp_path):
     backend: list[SimulatedBackend] = []
 
     def make(s, m, link, sel):
-        backend.append(SimulatedBackend(s, m, link, selector=sel, workers=2))
+        backend.append(SimulatedBackend(s, m, link, selector=sel, workers=2, build=build_run))
         return backend[0]
 
     procs = []
@@ -136,7 +136,7 @@ def test_an_error_in_a_worker_is_raised_here_as_it_was(tmp_path):
     with pytest.raises(DataError) as here:
         build_run(cfg)
     with pytest.raises(DataError) as there:
-        WorkerPool(cfg, 2)
+        WorkerPool(cfg, 2, build_run)
     assert str(there.value) == str(here.value) == f"{tmp_path / 'missing.jsonl'}: instruction file not found"
 
 

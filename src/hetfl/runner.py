@@ -58,7 +58,7 @@ def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, 
         rundir = RunDir(out, mode="resume" if resume else "new", force=force)
     scenario, method = build_run(cfg)
     history = run_rounds(scenario, method, rundir, on_round=on_round, resume=resume, backend=backend,
-                         on_client=on_client, workers=workers)
+                         on_client=on_client, workers=workers, build=build_run)
     if rundir is not None and report:
         from hetfl.track.report import write_report
 

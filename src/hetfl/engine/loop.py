@@ -67,7 +67,8 @@ def plan_population(method, scenario) -> tuple[dict[int, dict], dict[int, int]]:
 
 def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None] | None = None,
                resume: bool = False, order: str = "sorted", backend: Callable | None = None,
-               on_client: Callable[[int, int, int], None] | None = None, workers: int = 1) -> list[dict[str, Any]]:
+               on_client: Callable[[int, int, int], None] | None = None, workers: int = 1,
+               build: Callable | None = None) -> list[dict[str, Any]]:
     """Run a whole federated training and return the per-round metrics.
 
     Args:
@@ -86,6 +87,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             attribute reports no clients.
         workers: the simulator's worker processes for a round's clients (engine/workers.py);
             results do not depend on it. 1: every client in this process.
+        build: with `workers` > 1, how each worker builds the run (`hetfl.runner.build_run`).
 
     Each round's metrics carry its wall-clock split (track/walltime.py): the whole round, the
     backend's client work, the server's work on the replies and the evaluation.
@@ -103,7 +105,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         wireless = WirelessCost(cfg.wireless, scenario.channels)
     if backend is None:
         backend = SimulatedBackend(scenario, method, link, order=order, selector=selector, on_client=on_client,
-                                   workers=workers)
+                                   workers=workers, build=build)
     else:
         backend = backend(scenario, method, link, selector)
         if on_client is not None and hasattr(backend, "on_client"):

@@ -10,16 +10,16 @@ states live in a `ClientStates` store (engine/states.py): in memory up to
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from hetfl.engine.api import ClientContext, Message
-from hetfl.seeding import derive_seed
+from hetfl.engine.client import client_context, one_thread, train_client  # noqa: F401  (also imported from here)
 from hetfl.engine.link import DOWN, UP, Link
 from hetfl.engine.states import MIB, ClientStates
 from hetfl.errors import ConfigError, HetflWarning
+from hetfl.seeding import derive_seed
 
 
 class SimulatedBackend:
@@ -36,14 +36,17 @@ class SimulatedBackend:
         workers: processes that train a `parallel` method's clients (engine/workers.py), started
             at the first round that has two clients to train; 1: all in this process. Results do
             not depend on it.
+        build: `build(cfg)` -> (scenario, method), how each worker builds the run
+            (`hetfl.runner.build_run`); needed when `workers` > 1.
     """
 
     def __init__(self, scenario, method, link: Link, order: Literal["sorted", "reverse"] = "sorted",
-                 selector=None, on_client: Callable[[int, int, int], None] | None = None, workers: int = 1):
+                 selector=None, on_client: Callable[[int, int, int], None] | None = None, workers: int = 1,
+                 build: Callable | None = None):
         self.scenario, self.method, self.link, self.order = scenario, method, link, order
         self.selector = selector  # optional data-selection stage (selection/base.py)
         self.on_client = on_client
-        self.workers = workers
+        self.workers, self.build = workers, build
         self.pool = None  # the WorkerPool, once started
         self.coresets: dict[int, list[int]] = {}  # this round's selection: client -> kept sample indices
         self.client_states = {}  # private per-client state (stateful methods): the setter makes it a ClientStates
@@ -102,7 +105,9 @@ class SimulatedBackend:
         from hetfl.engine.workers import WorkerPool, apply_counters
 
         if self.pool is None:
-            self.pool = WorkerPool(self.scenario.cfg, self.workers)
+            if self.build is None:
+                raise ValueError("SimulatedBackend: workers > 1 needs build (hetfl.runner.build_run)")
+            self.pool = WorkerPool(self.scenario.cfg, self.workers, self.build)
         out: dict[int, Message] = {}
 
         def job(cid: int) -> tuple:
@@ -210,52 +215,3 @@ def check_coresets(rnd: int, sizes: dict[int, int], cfg, hint: str = "") -> None
     warnings.warn(f"selection: round {rnd}: {len(empty)} of {len(sizes)} sampled clients have an empty coreset "
                   f"under selection.name={name} and skip the round (clients {', '.join(map(str, empty))})",
                   HetflWarning, stacklevel=2)
-
-
-def client_context(scenario, rnd: int, cid: int, knobs: dict, mem: int, state: dict[str, Any], flop_cache: dict,
-                   server=None) -> ClientContext:
-    """The context client `cid` trains in during round `rnd`; every backend builds it here.
-
-    Args:
-        scenario: the scenario as the client's worker built it (its model is the worker model).
-        rnd: the current round.
-        cid: the client.
-        knobs: the client's settings from the resource policy (`Method.plan`).
-        mem: the method's estimate of the client's peak training memory (bytes).
-        state: the client's private state, kept by the worker between rounds.
-        flop_cache: FLOPs per step shape already measured by this worker.
-        server: per-batch server handle (split methods), else None.
-    """
-    return ClientContext(
-        cid=cid, rnd=rnd, data=scenario.client_data[cid], device=scenario.population.device(cid), knobs=dict(knobs),
-        state=state, seed=scenario.cfg.seed, model=scenario.model, task=scenario.task, server=server,
-        mem_bytes=mem, _flop_cache=flop_cache,
-    )
-
-
-def train_client(method, msg: Message, ctx: ClientContext) -> Message:
-    """Run `method.client_update` with torch's global RNG (dropout etc.) seeded by (seed, round, client),
-    on one torch thread.
-
-    One thread, wherever it runs: torch's kernels can sum in another order with another thread
-    count (measured: FLoRAL on the digits MLP ends in other last bits with 2 threads than with 1),
-    so a client's update must not depend on how many threads its process has. Parallelism comes
-    from running clients side by side (engine/workers.py), not from threads inside one update.
-    """
-    torch.manual_seed(derive_seed(ctx.seed, ctx.rnd, ctx.cid, "torch"))
-    with one_thread():
-        return method.client_update(msg, ctx)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the block on one torch thread (a client's update)."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -3,7 +3,7 @@
 `WorkerPool` starts N processes (spawned: a fresh interpreter each, so no thread pool or lock of
 the parent is inherited), each with one torch thread. Each builds the run's scenario and method
 once, from the config, exactly as the simulator and Flower's ClientApp build them
-(`runner.build_run`), and keeps them for the whole run. The simulator (engine/sim.py) sends a
+(`runner.build_run`, which the caller passes in), and keeps them for the whole run. The simulator (engine/sim.py) sends a
 worker one job per client: the round, the client, its knobs and memory estimate, the message as
 the link delivered it, the client's private state and, after a selection stage, the coreset. The
 worker trains the client (`client_context` + `train_client`, the same code as in one process) and
@@ -47,18 +47,17 @@ class WorkerError(HetflError):
     """A worker process died while training a client."""
 
 
-def _serve(conn: Connection, cfg) -> None:
+def _serve(conn: Connection, cfg, build) -> None:
     """A worker's life: build the run once, then train one client per job until told to stop."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     torch.set_num_threads(1)
     import hetfl.builtins  # noqa: F401  (the registries the config names)
-    from hetfl.engine.sim import client_context, train_client
-    from hetfl.runner import build_run
+    from hetfl.engine.client import client_context, train_client
 
     try:
-        scenario, method = build_run(cfg)
+        scenario, method = build(cfg)
         method.setup(scenario)
     except BaseException as e:  # noqa: BLE001 (reported to the main process, which raises it)
         conn.send(("error", _portable(e)))
@@ -109,16 +108,18 @@ class WorkerPool:
     Args:
         cfg: the run's config (each worker builds the run from it).
         n: number of processes.
+        build: `build(cfg)` -> (scenario, method), a module-level function (workers are spawned,
+            so it travels by name): `hetfl.runner.build_run`.
     """
 
-    def __init__(self, cfg, n: int):
+    def __init__(self, cfg, n: int, build: Callable):
         ctx = mp.get_context("spawn")
         self.n = n
         self.conns: list[Connection] = []
         self.procs = []
         for _ in range(n):
             here, there = ctx.Pipe()
-            p = ctx.Process(target=_serve, args=(there, cfg), daemon=True)
+            p = ctx.Process(target=_serve, args=(there, cfg, build), daemon=True)
             p.start()
             there.close()
             self.conns.append(here)

@@ -100,7 +100,7 @@ def wait_for_nodes(grid: Grid, n: int) -> list[int]:
 
 @client_app.train()
 def client_train(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    from hetfl.engine.sim import client_context, train_client
+    from hetfl.engine.client import client_context, train_client
     from hetfl.runner import build_run
 
     cfg = config_of(context)
