@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, Message, weighted_mean
-from hetfl.engine.fleet import (DROPPED, OK, REJECTED, check_replies, client_by_kind, dropped_bytes, merge_by_kind,
-                                round_costs, sample_from)
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, Message
+from hetfl.engine.fleet import (DROPPED, OK, REJECTED, account_round, check_replies, client_by_kind, dropped_bytes,
+                                merge_by_kind, round_costs, sample_from)
 from hetfl.engine.link import DOWN, UP
 from hetfl.track.walltime import AGGREGATE_WALL, COMPUTE_WALL
 
@@ -185,24 +185,12 @@ class Buffered:
         t_round = totals.clock_s - t0
         up_r, dn_r = sum(j.up for j in settled), sum(j.down for j in settled)
         energy_r, flops_r = sum(j.energy_j for j in settled), sum(j.flops for j in settled)
-        totals.bytes_up += up_r
-        totals.bytes_down += dn_r
-        totals.sim_time_s += t_round
-        totals.energy_j += energy_r
-        totals.flops += flops_r
-        losses = {c: float(j.reply.meta.get(TRAIN_LOSS, float("nan"))) for c, j in sorted(buffer.items())}
-        weights = {c: float(j.reply.meta.get(NUM_EXAMPLES, 1)) for c, j in sorted(buffer.items())}
+        m = account_round(totals, rnd, {c: j.reply for c, j in buffer.items()}, up_r, dn_r, t_round, energy_r,
+                          flops_r, max((j.mem_bytes for j in settled), default=0),
+                          merge_by_kind(j.extra["by_kind"] for j in settled))
         lost = [j for j in settled if j.status != OK]
         stale = [rnd - j.launched for j in buffer.values()]
-        m = {
-            "round": rnd, "train_loss": weighted_mean(losses, weights),
-            "bytes_up": up_r, "bytes_down": dn_r,
-            "bytes_up_total": totals.bytes_up, "bytes_down_total": totals.bytes_down,
-            "round_time_s": t_round, "sim_time_s": totals.sim_time_s,
-            "round_energy_j": energy_r, "energy_j": totals.energy_j,
-            "client_flops": flops_r, "flops_total": totals.flops,
-            "client_mem_peak_mb": max((j.mem_bytes for j in settled), default=0) / MIB,
-            "bytes_by_kind": merge_by_kind(j.extra["by_kind"] for j in settled),
+        m.update({
             "clients_sampled": len(started), "clients_reported": sum(1 for j in settled if j.status != DROPPED),
             "clients_aggregated": len(buffer), "clients_dropped": sum(1 for j in settled if j.status == DROPPED),
             "clients_late": 0, "clients_rejected": sum(1 for j in settled if j.status == REJECTED),
@@ -210,7 +198,7 @@ class Buffered:
             "wasted_flops": sum(j.flops for j in lost), "sim_clock_s": totals.clock_s,
             "staleness_mean": sum(stale) / len(stale) if stale else 0.0, "staleness_max": max(stale, default=0),
             "clients_in_flight": len(self.inflight),
-        }
+        })
         m.update(report.stats)
         m[COMPUTE_WALL] = self.compute_wall_s  # the launches' client work; the rest of the step is the server's
         m[AGGREGATE_WALL] = time.perf_counter() - wall0 - self.compute_wall_s

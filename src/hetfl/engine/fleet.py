@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from hetfl.engine.api import Message
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, Message, weighted_mean
+from hetfl.engine.states import MIB
 from hetfl.errors import ConfigError, HetflWarning
 from hetfl.seeding import generator
 
@@ -270,3 +271,38 @@ def merge_by_kind(parts) -> dict[str, int]:
         for k, b in by.items():
             total[k] = total.get(k, 0) + b
     return {f"{d}:{k}": b for (d, k), b in sorted(total.items())}
+
+
+def account_round(totals, rnd: int, replies: dict[int, Message], up: int, down: int, t_round: float,
+                  energy: float, flops: float, mem_peak_bytes: int, by_kind: dict[str, int]) -> dict[str, Any]:
+    """Add a round's bytes, simulated time, energy and FLOPs to `totals` (the loop's `Totals`; the
+    simulated clock is the caller's) and return the metrics every round logs, synchronous or not.
+
+    Args:
+        totals: the run's cumulative counters, updated in place.
+        rnd: the round (or asynchronous server step).
+        replies: the aggregated replies, by client; their train losses, weighted by examples.
+        up, down: the round's bytes each way.
+        t_round: the round's simulated duration.
+        energy, flops: what the round's clients spent.
+        mem_peak_bytes: the largest client memory estimate of the round.
+        by_kind: bytes per "direction:kind".
+    """
+    totals.bytes_up += up
+    totals.bytes_down += down
+    totals.sim_time_s += t_round
+    totals.energy_j += energy
+    totals.flops += flops
+    cids = sorted(replies)
+    losses = {c: float(replies[c].meta.get(TRAIN_LOSS, float("nan"))) for c in cids}
+    weights = {c: float(replies[c].meta.get(NUM_EXAMPLES, 1)) for c in cids}
+    return {
+        "round": rnd, "train_loss": weighted_mean(losses, weights),
+        "bytes_up": up, "bytes_down": down,
+        "bytes_up_total": totals.bytes_up, "bytes_down_total": totals.bytes_down,
+        "round_time_s": t_round, "sim_time_s": totals.sim_time_s,
+        "round_energy_j": energy, "energy_j": totals.energy_j,
+        "client_flops": flops, "flops_total": totals.flops,
+        "client_mem_peak_mb": mem_peak_bytes / MIB,
+        "bytes_by_kind": by_kind,
+    }

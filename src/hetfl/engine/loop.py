@@ -10,9 +10,9 @@ from typing import Any, Callable
 import torch
 
 from hetfl.config import Config, dump_config
-from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS, weighted_mean
-from hetfl.engine.fleet import (DROPPED, OK, REJECTED, Fleet, check_replies, client_by_kind, dropped_bytes,
-                                fleet_active, fleet_stats, merge_by_kind, round_costs)
+from hetfl.engine.api import NUM_EXAMPLES, TRAIN_LOSS
+from hetfl.engine.fleet import (DROPPED, OK, REJECTED, Fleet, account_round, check_replies, client_by_kind,
+                                dropped_bytes, fleet_active, fleet_stats, merge_by_kind, round_costs)
 from hetfl.seeding import generator
 from hetfl.engine.link import DOWN, UP, Ledger, Link
 from hetfl.engine.sim import SimulatedBackend
@@ -117,7 +117,8 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
 
         if resume:
             ck = rundir.load_checkpoint()
-            state, backend.client_states, totals, start = ck["state"], ck["client_states"], ck["totals"], ck["round"] + 1
+            state, backend.client_states, totals = ck["state"], ck["client_states"], ck["totals"]
+            start = ck["round"] + 1
             # The cache of already-counted shapes only saves time (a counted step gives the same
             # numbers, engine/flops.py); it is checkpointed so a resumed run counts no shape twice.
             backend.flop_cache.update(ck.get("flop_cache", {}))
@@ -232,25 +233,11 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
             up_r, dn_r = sum(ups.values()), sum(downs.values())
             energy_r = sum(e for e, _ in spent.values())
             flops_r = sum(f for _, f in spent.values())
-            totals.bytes_up += up_r
-            totals.bytes_down += dn_r
-            totals.sim_time_s += t_round
             totals.clock_s += t_round
-            totals.energy_j += energy_r
-            totals.flops += flops_r
-            losses = {c: float(r.meta.get(TRAIN_LOSS, float("nan"))) for c, r in accepted.items()}
-            weights = {c: float(r.meta.get(NUM_EXAMPLES, 1)) for c, r in accepted.items()}
-            m = {
-                "round": rnd, "train_loss": weighted_mean(losses, weights),
-                "bytes_up": up_r, "bytes_down": dn_r,
-                "bytes_up_total": totals.bytes_up, "bytes_down_total": totals.bytes_down,
-                "round_time_s": t_round, "sim_time_s": totals.sim_time_s,
-                "round_energy_j": energy_r, "energy_j": totals.energy_j,
-                "client_flops": flops_r, "flops_total": totals.flops,
-                "client_mem_peak_mb": max(ctxs[c].mem_bytes for c in cids) / MIB,
-                "bytes_by_kind": ({f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())}
-                                  if fleet is None else merge_by_kind(by_client.values())),
-            }
+            by_kind = ({f"{d}:{k}": b for (d, k), b in sorted(ledger.by_kind(rnd).items())}
+                       if fleet is None else merge_by_kind(by_client.values()))
+            m = account_round(totals, rnd, accepted, up_r, dn_r, t_round, energy_r, flops_r,
+                              max(ctxs[c].mem_bytes for c in cids), by_kind)
             if fleet is not None or rejected:
                 m.update(fleet_stats(cids, status, ups, downs, spent, totals))
             if selector is not None:

@@ -115,7 +115,7 @@ class SimulatedBackend:
             coreset = None
             if self.selector is not None:
                 coreset = (self.coresets[cid], ctx.local_total, ctx.selection_flops, ctx.flops)
-            return ctx.knobs, ctx.mem_bytes, msgs[cid], dict(self.client_states[cid]), coreset
+            return ctx.knobs, ctx.mem_bytes, msgs[cid], self.client_states[cid], coreset  # pickled: a copy
 
         def done(cid: int, reply: Message, state: dict, counters: dict) -> None:
             self.client_states[cid] = state
