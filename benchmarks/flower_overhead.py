@@ -37,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def computed(rows: list[dict]) -> list[dict]:
     """The rows without their wall-clock timings (`*_wall_s`), which no two runs share."""
-    return [{k: v for k, v in r.items() if not k.endswith("_wall_s")} for r in rows]
+    from hetfl.track.walltime import without_walls
+
+    return without_walls(rows)
 
 
 def max_rel_diff(a: list[dict], b: list[dict]) -> float:

@@ -17,7 +17,6 @@ Last line: `speedup_2_workers=<geometric mean over the presets of wall per round
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -30,8 +29,10 @@ PRESETS = ("fedit-instruct", "fslora-instruct", "split-vision", "floral-digits-l
 
 
 def measured(path: Path) -> tuple[list[dict], bytes]:
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if not k.endswith("wall_s")} for r in rows], (path / "clients.csv").read_bytes()
+    from hetfl.track.rundir import read_metrics
+    from hetfl.track.walltime import without_walls
+
+    return without_walls(read_metrics(path / "metrics.jsonl")), (path / "clients.csv").read_bytes()
 
 
 def one(preset: str, workers: int, rounds: int, out: Path) -> dict:

@@ -12,6 +12,7 @@ import pytest
 
 from hetfl.cli.main import main
 from hetfl.track.rundir import read_metrics
+from hetfl.track.walltime import without_walls
 
 # A fast instruct scenario: few clients, few steps, tiny evaluation.
 FAST = ["rounds=2", "population.num_clients=4", "population.clients_per_round=2", "train.local_steps=2",
@@ -122,7 +123,7 @@ def _cli(args, **kw):
 
 
 def _metrics(path: Path):
-    return [{k: v for k, v in r.items() if not k.endswith("_wall_s")} for r in read_metrics(path)]
+    return without_walls(read_metrics(path))
 
 
 def test_resume_after_kill_gives_identical_metrics(tmp_path):

@@ -10,6 +10,7 @@ from hetfl.config import load_config
 from hetfl.scenario import build_scenario
 from hetfl.track.rundir import read_metrics
 from hetfl.track.stats import higher_is_better, mean_ci, paired_test
+from hetfl.track.walltime import without_walls
 from hetfl.track.summary import aggregate
 
 # FedIT / FedAvg-full on the shipped synthetic MLP regression (MSE, lower is better): seconds per run.
@@ -134,10 +135,8 @@ def test_compare_resume_continues_a_killed_run(tmp_path, capsys):
     assert len(read_metrics(out / "fedit" / "seed-0" / "metrics.jsonl")) == 1
     assert main(["compare", "floral-synth-mlp", "--methods", "fedit", *sets(*MLP, "rounds=3"),
                  "--out", str(out), "--resume"]) == 0
-    resumed = [{k: v for k, v in r.items() if not k.endswith("_wall_s")}
-               for r in read_metrics(out / "fedit" / "seed-0" / "metrics.jsonl")]
-    fresh = [{k: v for k, v in r.items() if not k.endswith("_wall_s")}
-             for r in run_experiment(cfg, None)]
+    resumed = without_walls(read_metrics(out / "fedit" / "seed-0" / "metrics.jsonl"))
+    fresh = without_walls(run_experiment(cfg, None))
     assert [r["round"] for r in resumed] == [1, 2, 3] and resumed == fresh
 
 

@@ -16,13 +16,14 @@ from hetfl.methods.flexlora import svd_flops, truncate
 from hetfl.methods.flora_stack import stack
 from hetfl.models.lora import count_trainable, lora_modules
 from hetfl.track.rundir import RunDir
+from hetfl.track.walltime import without_walls
 
 METHODS = ["fslora", "heterolora", "flexlora", "flora-stack", "fedit"]
 
 
 def deterministic(history):
     """Metrics minus wall-clock timings (keys ending in _wall_s), which legitimately vary."""
-    return [{k: v for k, v in m.items() if not k.endswith("_wall_s")} for m in history]
+    return without_walls(history)
 
 
 def client_update(sc, method, state, cid, rnd=1):

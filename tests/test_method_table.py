@@ -39,6 +39,7 @@ from hetfl.registry import METHODS, SELECTORS
 from hetfl.runner import build_method, build_run
 from hetfl.scenario import build_scenario
 from hetfl.track.rundir import RunDir, read_metrics
+from hetfl.track.walltime import without_walls
 
 NAMES = METHODS.names()
 
@@ -101,7 +102,7 @@ def flatten(obj, prefix: str = "") -> dict[str, object]:
 
 def measured(rows: list[dict]) -> list[dict]:
     """Metrics rows without the wall-clock timings (`*wall_s`): all a rerun may change."""
-    return [{k: v for k, v in r.items() if not k.endswith("wall_s")} for r in rows]
+    return without_walls(rows)
 
 
 def assert_identical(a, b) -> None:
