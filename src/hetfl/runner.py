@@ -33,7 +33,8 @@ def build_run(cfg: Config):
 def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, resume: bool = False,
                    on_round: Callable[[dict], None] | None = None, report: bool = True,
                    backend: Callable | None = None,
-                   on_client: Callable[[int, int, int], None] | None = None, workers: int = 1) -> list[dict[str, Any]]:
+                   on_client: Callable[[int, int, int], None] | None = None, workers: int = 1,
+                   ray: str | None = None) -> list[dict[str, Any]]:
     """Build the scenario and run `cfg` to completion, writing outputs under `out`.
 
     Args:
@@ -46,6 +47,8 @@ def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, 
         backend: the round loop's backend factory (see `run_rounds`); None: the simulator.
         on_client: `on_client(rnd, done, total)` per client update within a round (see `run_rounds`).
         workers: simulator worker processes (engine/workers.py); results do not depend on it.
+        ray: run the workers as Ray actors on this cluster address ("local", "auto", "HOST:PORT";
+            engine/ray_pool.py), `workers` of them (0: one per cluster CPU); None: local processes.
 
     Returns:
         The per-round metrics.
@@ -57,8 +60,15 @@ def run_experiment(cfg: Config, out: str | Path | None, *, force: bool = False, 
     if out is not None:
         rundir = RunDir(out, mode="resume" if resume else "new", force=force)
     scenario, method = build_run(cfg)
+    pool = None
+    if ray is not None:
+        from functools import partial
+
+        from hetfl.engine.ray_pool import RayPool
+
+        pool = partial(RayPool, address=ray)
     history = run_rounds(scenario, method, rundir, on_round=on_round, resume=resume, backend=backend,
-                         on_client=on_client, workers=workers, build=build_run)
+                         on_client=on_client, workers=workers, build=build_run, pool=pool)
     if rundir is not None and report:
         from hetfl.track.report import write_report
 

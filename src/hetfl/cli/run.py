@@ -1,5 +1,5 @@
-"""hetfl run PRESET_OR_YAML [--set k=v ...] [--out DIR] [--force] [--workers N] [--backend sim|flower [--supernodes N]
-[--superlink HOST:PORT]] | hetfl run --resume DIR"""
+"""hetfl run PRESET_OR_YAML [--set k=v ...] [--out DIR] [--force] [--workers N] [--backend sim|ray|flower
+[--address HOST:PORT] [--supernodes N] [--superlink HOST:PORT]] | hetfl run --resume DIR [--backend ray]"""
 
 from __future__ import annotations
 
@@ -18,9 +18,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--workers", type=int, metavar="N",
                    help="--backend sim: processes that train a round's clients, one torch thread each (default: "
-                        "one per core); results do not depend on it")
-    p.add_argument("--backend", choices=("sim", "flower"), default="sim",
-                   help="sim: the in-process simulator (default); flower: clients on Flower SuperNodes")
+                        "one per core); --backend ray: actors (default: one per cluster CPU); results do not "
+                        "depend on it")
+    p.add_argument("--backend", choices=("sim", "flower", "ray"), default="sim",
+                   help="sim: the simulator (default); ray: its workers as Ray actors, on this machine or a "
+                        "cluster (--address); flower: clients on Flower SuperNodes")
+    p.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="--backend ray: join this running Ray cluster (default: start one on this machine)")
     p.add_argument("--supernodes", type=int, default=2, metavar="N",
                    help="--backend flower: SuperNodes to start locally (or to wait for with --superlink)")
     p.add_argument("--superlink", metavar="HOST:PORT",
@@ -40,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     if args.workers is not None and args.backend == "flower":
-        raise ConfigError("--workers applies to --backend sim (on Flower, each SuperNode is a worker: --supernodes)")
+        raise ConfigError("--workers applies to --backend sim or ray (on Flower, each SuperNode is a worker: "
+                          "--supernodes)")
+    if args.address and args.backend != "ray":
+        raise ConfigError("--address needs --backend ray")
     if args.resume:
         if args.backend == "flower":
             raise ConfigError("--resume: resuming runs only on --backend sim (Flower clients keep their state on "
@@ -62,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / cfg.name
     from hetfl.validation import validate
 
-    validate(cfg, backend=args.backend)  # every cross-section rule, before any model loads
-    label = f"{cfg.name} [{cfg.method.name}{', flower' if args.backend == 'flower' else ''}]"
+    validate(cfg, backend="flower" if args.backend == "flower" else "sim")  # every rule, before any model loads
+    label = f"{cfg.name} [{cfg.method.name}{'' if args.backend == 'sim' else ', ' + args.backend}]"
     with round_progress(label, cfg.rounds) as bar:
         if args.backend == "flower":  # the clients train in other processes: the bar counts rounds only
             from hetfl.flower.launch import run_flower
@@ -73,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             from hetfl.engine.workers import default_workers
 
+            ray = (args.address or "local") if args.backend == "ray" else None
+            workers = args.workers or (0 if ray else default_workers())
             history = run_experiment(cfg, out, force=args.force, resume=bool(args.resume), on_round=bar,
-                                     on_client=bar.on_client, workers=args.workers or default_workers())
+                                     on_client=bar.on_client, workers=workers, ray=ray)
     print_run_summary(cfg, history, out)
     return 0

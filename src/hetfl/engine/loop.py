@@ -68,7 +68,7 @@ def plan_population(method, scenario) -> tuple[dict[int, dict], dict[int, int]]:
 def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None] | None = None,
                resume: bool = False, order: str = "sorted", backend: Callable | None = None,
                on_client: Callable[[int, int, int], None] | None = None, workers: int = 1,
-               build: Callable | None = None) -> list[dict[str, Any]]:
+               build: Callable | None = None, pool: Callable | None = None) -> list[dict[str, Any]]:
     """Run a whole federated training and return the per-round metrics.
 
     Args:
@@ -88,6 +88,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         workers: the simulator's worker processes for a round's clients (engine/workers.py);
             results do not depend on it. 1: every client in this process.
         build: with `workers` > 1, how each worker builds the run (`hetfl.runner.build_run`).
+        pool: `pool(cfg, workers, build)` -> workers elsewhere (a `RayPool`); see SimulatedBackend.
 
     Each round's metrics carry its wall-clock split (track/walltime.py): the whole round, the
     backend's client work, the server's work on the replies and the evaluation.
@@ -105,7 +106,7 @@ def run_rounds(scenario, method, rundir=None, *, on_round: Callable[[dict], None
         wireless = WirelessCost(cfg.wireless, scenario.channels)
     if backend is None:
         backend = SimulatedBackend(scenario, method, link, order=order, selector=selector, on_client=on_client,
-                                   workers=workers, build=build)
+                                   workers=workers, build=build, pool=pool)
     else:
         backend = backend(scenario, method, link, selector)
         if on_client is not None and hasattr(backend, "on_client"):

@@ -38,16 +38,19 @@ class SimulatedBackend:
             not depend on it.
         build: `build(cfg)` -> (scenario, method), how each worker builds the run
             (`hetfl.runner.build_run`); needed when `workers` > 1.
+        pool: `pool(cfg, workers, build)` -> the workers, elsewhere than in local processes
+            (engine/ray_pool.py `RayPool`); they then train every round's clients, even one.
+            None: `WorkerPool`, local processes, when `workers` > 1.
     """
 
     def __init__(self, scenario, method, link: Link, order: Literal["sorted", "reverse"] = "sorted",
                  selector=None, on_client: Callable[[int, int, int], None] | None = None, workers: int = 1,
-                 build: Callable | None = None):
+                 build: Callable | None = None, pool: Callable | None = None):
         self.scenario, self.method, self.link, self.order = scenario, method, link, order
         self.selector = selector  # optional data-selection stage (selection/base.py)
         self.on_client = on_client
-        self.workers, self.build = workers, build
-        self.pool = None  # the WorkerPool, once started
+        self.workers, self.build, self.pool_factory = workers, build, pool
+        self.pool = None  # the workers, once started
         self.coresets: dict[int, list[int]] = {}  # this round's selection: client -> kept sample indices
         self.client_states = {}  # private per-client state (stateful methods): the setter makes it a ClientStates
         self.flop_cache: dict = {}  # FLOPs per (method, shape) key, measured once per worker
@@ -86,7 +89,8 @@ class SimulatedBackend:
             replies = self.run_lockstep(rnd, active, msgs, ctxs)
             self.client_states.release(*cids)
             return replies, ctxs
-        if self.workers > 1 and self.pooled and len(active) > 1:
+        remote = self.pool_factory is not None
+        if self.pooled and active and (remote or (self.workers > 1 and len(active) > 1)):
             replies = self.run_pool(rnd, active, msgs, ctxs)
             self.client_states.release(*cids)
             return replies, ctxs
@@ -101,13 +105,13 @@ class SimulatedBackend:
 
     def run_pool(self, rnd: int, cids: list[int], msgs: dict[int, Message],
                  ctxs: dict[int, ClientContext]) -> dict[int, Message]:
-        """Train `cids` in the worker processes; replies go up the link in `cids` order."""
+        """Train `cids` in the workers; replies go up the link in `cids` order."""
         from hetfl.engine.workers import WorkerPool, apply_counters
 
         if self.pool is None:
             if self.build is None:
-                raise ValueError("SimulatedBackend: workers > 1 needs build (hetfl.runner.build_run)")
-            self.pool = WorkerPool(self.scenario.cfg, self.workers, self.build)
+                raise ValueError("SimulatedBackend: workers need build (hetfl.runner.build_run)")
+            self.pool = (self.pool_factory or WorkerPool)(self.scenario.cfg, self.workers, self.build)
         out: dict[int, Message] = {}
 
         def job(cid: int) -> tuple:
@@ -115,7 +119,7 @@ class SimulatedBackend:
             coreset = None
             if self.selector is not None:
                 coreset = (self.coresets[cid], ctx.local_total, ctx.selection_flops, ctx.flops)
-            return ctx.knobs, ctx.mem_bytes, msgs[cid], self.client_states[cid], coreset  # pickled: a copy
+            return rnd, cid, ctx.knobs, ctx.mem_bytes, msgs[cid], self.client_states[cid], coreset  # sent: a copy
 
         def done(cid: int, reply: Message, state: dict, counters: dict) -> None:
             self.client_states[cid] = state

@@ -47,35 +47,54 @@ class WorkerError(HetflError):
     """A worker process died while training a client."""
 
 
+class ClientWorker:
+    """One worker's copy of the run: built once from the config, then one client per `train` call.
+
+    A process worker (`WorkerPool`) and a Ray actor (engine/ray_pool.py) both hold one.
+
+    Args:
+        cfg: the run's config.
+        build: `build(cfg)` -> (scenario, method), e.g. `hetfl.runner.build_run`.
+    """
+
+    def __init__(self, cfg, build: Callable):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+
+        torch.set_num_threads(1)
+        # `build` arrives by name (hetfl.runner.build_run): importing it registered the built-ins.
+        self.scenario, self.method = build(cfg)
+        self.method.setup(self.scenario)
+        self.flop_cache: dict = {}
+
+    def ready(self) -> bool:
+        return True
+
+    def train(self, job: tuple) -> tuple[Message, dict, dict[str, Any]]:
+        """Train one client: `job` is (round, client, knobs, memory estimate, message, state,
+        coreset or None); returns (reply, the client's new state, the context's counters)."""
+        from hetfl.engine.client import client_context, train_client
+
+        rnd, cid, knobs, mem, msg, state, coreset = job
+        ctx = client_context(self.scenario, rnd, cid, knobs, mem, state, self.flop_cache)
+        if coreset is not None:  # the main process ran the selection stage
+            keep, ctx.local_total, ctx.selection_flops, ctx.flops = coreset
+            ctx.data = [ctx.data[i] for i in keep]
+        reply = train_client(self.method, msg, ctx)
+        return reply, state, {"flops": ctx.flops, "mem_bytes": ctx.mem_bytes, "knobs": ctx.knobs}
+
+
 def _serve(conn: Connection, cfg, build) -> None:
-    """A worker's life: build the run once, then train one client per job until told to stop."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(1)
-    import hetfl.builtins  # noqa: F401  (the registries the config names)
-    from hetfl.engine.client import client_context, train_client
-
+    """A worker process's life: build the run once, then train one client per job until told to stop."""
     try:
-        scenario, method = build(cfg)
-        method.setup(scenario)
+        worker = ClientWorker(cfg, build)
     except BaseException as e:  # noqa: BLE001 (reported to the main process, which raises it)
         conn.send(("error", _portable(e)))
         return
     conn.send(("ready",))
-    flop_cache: dict = {}
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
-        rnd, cid, knobs, mem, msg, state, coreset = job
+    while (job := conn.recv()) is not None:
         try:
-            ctx = client_context(scenario, rnd, cid, knobs, mem, state, flop_cache)
-            if coreset is not None:  # the main process ran the selection stage
-                keep, ctx.local_total, ctx.selection_flops, ctx.flops = coreset
-                ctx.data = [ctx.data[i] for i in keep]
-            reply = train_client(method, msg, ctx)
-            conn.send(("done", reply, state, {"flops": ctx.flops, "mem_bytes": ctx.mem_bytes, "knobs": ctx.knobs}))
+            conn.send(("done", *worker.train(job)))
         except BaseException as e:  # noqa: BLE001
             conn.send(("error", _portable(e)))
 
@@ -157,7 +176,7 @@ class WorkerPool:
         Args:
             rnd: the round.
             cids: the clients to train.
-            jobs: `jobs(cid)` -> (knobs, mem, message, state, coreset or None) for one client.
+            jobs: `jobs(cid)` -> one client's job, as `ClientWorker.train` takes it.
             done: `done(cid, reply, state, counters)` as each client finishes.
         """
         pending = list(cids)
@@ -166,9 +185,8 @@ class WorkerPool:
         while pending or busy:
             while pending and free:
                 i, cid = free.pop(0), pending.pop(0)
-                knobs, mem, msg, state, coreset = jobs(cid)
                 try:
-                    self.conns[i].send((rnd, cid, knobs, mem, msg, state, coreset))
+                    self.conns[i].send(jobs(cid))
                 except (BrokenPipeError, ConnectionResetError, OSError):  # it died between two jobs
                     self._recv(i, rnd, cid)
                 busy[i] = cid
