@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HETFL := $(VENV)/bin/hetfl
 STAMP := $(VENV)/.hetfl-installed
 
-.PHONY: setup setup-smollm2 setup-ray demo test bench clean
+.PHONY: setup setup-smollm2 setup-ray setup-bench demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +27,11 @@ setup-smollm2: setup
 
 # Optional multi-machine backend (--backend ray), not needed by setup, demo or test (its tests skip without it).
 setup-ray: setup
-	$(PY) -m pip install -q ray==2.60.0
+	$(PY) -m pip install -q ray==2.55.1
+
+# Peers for benchmarks/vs_peers.py (Flower's simulation engine, pfl-research); not needed by setup, demo or test.
+setup-bench: setup
+	$(PY) -m pip install -q "flwr[simulation]==1.41.0" pfl==0.6.0 ray==2.55.1 torch==2.13.0
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(HETFL) compare fslora-digits --methods fslora,heterolora --baseline heterolora \
